@@ -1,0 +1,164 @@
+"""Artifacts between stages: atomic writes, staged directories, hashes and the manifest.
+
+Every stage builds its output in ``<out>.tmp-<uuid>/`` next to the destination and renames it into
+place only when everything succeeded, so a failed run never leaves a partial artifact and never
+destroys a good one. ``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pi05_export import __version__
+from pi05_export.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path.<uuid>.tmp`` in the same directory, fsync, then ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _check_writable_parent(out: Path) -> None:
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"cannot create output directory {parent}: {e.strerror}", hint="choose a writable --out") from None
+    if not os.access(parent, os.W_OK):
+        raise ArtifactError(f"output directory {parent} is not writable", hint="choose a writable --out")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output path {out} exists and is not a directory", hint="choose another --out")
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | Path, *, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a fresh sibling temp dir; on success it replaces ``out`` (whole), else it is removed.
+
+    ``keep`` names entries of an existing ``out`` to carry over into the new one (for example a
+    stage that writes only ``out/<recipe>/`` keeps the rest). Carried entries are moved back if
+    the commit fails.
+    """
+    out = Path(out).absolute()
+    _check_writable_parent(out)
+    token = uuid.uuid4().hex[:8]
+    tmp = out.with_name(f"{out.name}.tmp-{token}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f"{out.name}.old-{token}")
+    if out.exists():
+        for name in keep:
+            src = out / name
+            if src.exists() and not (tmp / name).exists():
+                shutil.copytree(src, tmp / name) if src.is_dir() else shutil.copy2(src, tmp / name)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Versions of every tool that can change an artifact (None when not installed)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"pi05_export": __version__, "python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "nvidia-modelopt", "polygraphy", "tensorrt", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+@dataclass
+class Manifest:
+    """The contract between stages, written as ``manifest.json`` (last) in every stage's output."""
+
+    stage: str
+    config: dict[str, Any]
+    source: dict[str, Any]
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    precision: str = "fp32"
+    opset: int | None = None
+    recipe: dict[str, Any] | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str | None] = field(default_factory=tool_versions)
+    schema_version: int = SCHEMA_VERSION
+    pi05_export: str = __version__
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def write(self, directory: str | Path) -> Path:
+        return atomic_write(Path(directory) / MANIFEST_NAME, self.to_json())
+
+    @classmethod
+    def read(cls, directory: str | Path, *, stage: str | None = None, hint: str = "run `pi05-export onnx` first") -> Manifest:
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ArtifactError(f"no {MANIFEST_NAME} in {directory}", hint=hint)
+        try:
+            data = json.loads(path.read_text())
+            manifest = cls(**data)
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"{path} is not a valid pi05-export manifest ({e})", hint=hint) from None
+        if manifest.schema_version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{path} has schema version {manifest.schema_version}, this tool reads {SCHEMA_VERSION}",
+                hint="re-run the stage that wrote it with this version of pi05-export",
+            )
+        if stage is not None and manifest.stage != stage:
+            raise ArtifactError(f"{path} was written by stage {manifest.stage!r}, expected {stage!r}", hint=hint)
+        return manifest
+
+    def component_path(self, directory: str | Path, name: str) -> Path:
+        if name not in self.components:
+            raise ArtifactError(
+                f"component {name!r} is not in {Path(directory) / MANIFEST_NAME} (has: {', '.join(self.components)})",
+                hint=f"re-export with --components including {name}",
+            )
+        path = Path(directory) / self.components[name]["path"]
+        if not path.is_file():
+            raise ArtifactError(f"{path} listed in the manifest is missing", hint="re-run the export")
+        return path

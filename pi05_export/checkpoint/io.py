@@ -1,0 +1,455 @@
+"""Checkpoint I/O.
+
+Layouts (detected from the keys, never from the path):
+- ``openpi``: keys as in openpi's ``PI0Pytorch.state_dict()``. The tied ``embed_tokens`` is stored as
+  ``paligemma_with_expert.paligemma.lm_head.weight`` (safetensors keeps one name of a tied pair); the
+  expert's ``lm_head`` is an unused leftover.
+- ``lerobot``: the same keys under a ``model.`` prefix; ``config.json`` carries lerobot's field names.
+Both may be one ``model.safetensors`` or shards listed by ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pi05_export.config import Pi05Config
+from pi05_export.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+LEROBOT_PREFIX = "model."
+EMBED_KEY = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+LM_HEAD_KEY = "paligemma_with_expert.paligemma.lm_head.weight"
+EXPERT_LM_HEAD_KEY = "paligemma_with_expert.gemma_expert.lm_head.weight"
+# Our key for the block of explicit dimensions we add to config.json (openpi/lerobot ignore it).
+OUR_CONFIG_KEY = "pi05_export"
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class Layout(str, enum.Enum):
+    openpi = "openpi"
+    lerobot = "lerobot"
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`inspect_checkpoint` learns from headers alone (no tensor data is read)."""
+
+    path: Path
+    layout: Layout
+    files: list[Path]
+    config: Pi05Config
+    config_source: str
+    tensors: dict[str, tuple[tuple[int, ...], str]] = field(repr=False)  # canonical key -> (shape, dtype)
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key, (shape, _) in self.tensors.items():
+            part = component_of(key)
+            if key == LM_HEAD_KEY and EMBED_KEY not in self.tensors:
+                part = "llm"  # the tied token embedding, stored under the lm_head name
+            counts[part] = counts.get(part, 0) + _numel(shape)
+        return counts
+
+    def dtype_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, dtype in self.tensors.values():
+            counts[dtype] = counts.get(dtype, 0) + 1
+        return counts
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def component_of(key: str) -> str:
+    """Which exported component a parameter belongs to (for counts and recipes)."""
+    if key in (LM_HEAD_KEY, EXPERT_LM_HEAD_KEY):
+        return "unused (lm_head)"
+    if ".vision_tower." in key or ".multi_modal_projector." in key:
+        return "vision"
+    if ".language_model." in key:
+        return "llm"
+    if ".gemma_expert." in key:
+        return "expert"
+    return "projections"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path} is not a .safetensors file", hint="pass a checkpoint directory or its model.safetensors"
+            )
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path")
+    if (path / INDEX_NAME).is_file():
+        try:
+            index = json.loads((path / INDEX_NAME).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(
+                f"{path / INDEX_NAME} is not a valid safetensors index (needs a 'weight_map')",
+                hint="re-create the index or remove it to use model.safetensors",
+            ) from None
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}", hint="copy all shards")
+        return files
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    if (path / "params").is_dir():
+        raise CheckpointError(
+            f"{path} is an openpi JAX (orbax) checkpoint, not PyTorch safetensors",
+            hint=f"convert it first: pi05-export convert {path} --out DIR",
+        )
+    raise CheckpointError(
+        f"{path} is not a checkpoint: no {WEIGHTS_NAME} or {INDEX_NAME}",
+        hint="pass an openpi PyTorch or lerobot pi05 checkpoint directory",
+    )
+
+
+def _open(file: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})",
+            hint="the file is truncated or corrupt; copy or download it again",
+        ) from None
+
+
+def _iter_headers(files: list[Path]) -> Iterator[tuple[str, tuple[int, ...], str, Path]]:
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                yield key, tuple(sl.get_shape()), sl.get_dtype(), file
+
+
+def _detect_layout(keys: list[str]) -> Layout:
+    if any(k.startswith(LEROBOT_PREFIX + "paligemma_with_expert.") for k in keys):
+        return Layout.lerobot
+    if any(k.startswith("paligemma_with_expert.") for k in keys):
+        return Layout.openpi
+    sample = ", ".join(sorted(keys)[:3]) or "(no tensors)"
+    raise CheckpointError(
+        f"unrecognised checkpoint keys (e.g. {sample})", hint="expected openpi PyTorch or lerobot pi05 parameter names"
+    )
+
+
+def _canonical(key: str, layout: Layout) -> str:
+    if layout is Layout.lerobot and key.startswith(LEROBOT_PREFIX):
+        return key[len(LEROBOT_PREFIX) :]
+    return key
+
+
+def config_from_json(data: dict[str, Any]) -> Pi05Config:
+    """Config from an openpi-converter or lerobot ``config.json`` (plus our explicit-dims block)."""
+    if OUR_CONFIG_KEY in data:
+        return Pi05Config.from_dict(data[OUR_CONFIG_KEY])
+    changes: dict[str, Any] = {}
+    base = Pi05Config.from_dict(
+        {
+            "llm": data.get("paligemma_variant", "gemma_2b"),
+            "expert": data.get("action_expert_variant", "gemma_300m"),
+        }
+    )
+    # openpi converter fields, then lerobot's names for the same things.
+    for ours, names in {
+        "action_dim": ("action_dim", "max_action_dim"),
+        "action_horizon": ("action_horizon", "chunk_size"),
+        "max_token_len": ("max_token_len", "tokenizer_max_length"),
+        "num_steps": ("num_steps", "num_inference_steps"),
+    }.items():
+        for name in names:
+            if name in data:
+                changes[ours] = int(data[name])
+                break
+    if "image_resolution" in data:
+        res = data["image_resolution"]
+        size = int(res[0] if isinstance(res, (list, tuple)) else res)
+        changes["vision"] = base.vision.__class__(**{**_vision_kwargs(base), "image_size": size})
+    return base.replace(**changes)
+
+
+def _vision_kwargs(cfg: Pi05Config) -> dict[str, Any]:
+    v = cfg.vision
+    return {k: getattr(v, k) for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "eps")}
+
+
+def _resolve_config(ckpt_dir: Path, config: Pi05Config | str | Path | None) -> tuple[Pi05Config, str]:
+    if isinstance(config, Pi05Config):
+        return config, "given"
+    if config is not None:
+        return Pi05Config.from_file(config), str(config)
+    cfg_file = ckpt_dir / CONFIG_NAME
+    if cfg_file.is_file():
+        try:
+            data = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON ({e})", hint="fix it or pass --config FILE") from None
+        return config_from_json(data), str(cfg_file)
+    log.warning("no %s next to the checkpoint and no --config: assuming the full-size pi05 preset", CONFIG_NAME)
+    return Pi05Config.from_name("pi05"), "preset pi05 (default)"
+
+
+def inspect_checkpoint(path: str | Path, config: Pi05Config | str | Path | None = None) -> CheckpointInfo:
+    """Read headers only: layout, config, every tensor's shape and dtype."""
+    path = Path(path)
+    files = _weight_files(path)
+    raw = {k: (shape, dtype) for k, shape, dtype, _ in _iter_headers(files)}
+    layout = _detect_layout(list(raw))
+    tensors = {_canonical(k, layout): v for k, v in raw.items()}
+    cfg, source = _resolve_config(path if path.is_dir() else path.parent, config)
+    return CheckpointInfo(path=path, layout=layout, files=files, config=cfg, config_source=source, tensors=tensors)
+
+
+def _expected_shapes(cfg: Pi05Config) -> dict[str, tuple[int, ...]]:
+    from pi05_export.model.pi05 import Pi05Model
+
+    with torch.device("meta"):
+        model = Pi05Model(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_checkpoint(
+    path: str | Path, config: Pi05Config | str | Path | None = None, dtype: str = "float32"
+) -> tuple[Any, CheckpointInfo]:
+    """Load a checkpoint into a :class:`Pi05Model`.
+
+    ``dtype``: ``float32`` (everything fp32) or ``bfloat16``/``float16`` (openpi's policy: norms,
+    patch/position embeddings and the four action/time projections stay fp32).
+    Missing keys -> error listing them; a wrong shape -> error naming the key and both shapes;
+    unexpected keys -> warning.
+    """
+    from pi05_export.model.pi05 import Pi05Model, keeps_fp32
+
+    target = _torch_dtype(dtype)
+    info = inspect_checkpoint(path, config)
+    cfg = info.config
+    expected = _expected_shapes(cfg)
+    present = dict(info.tensors)
+    if EMBED_KEY not in present and LM_HEAD_KEY in present:
+        present[EMBED_KEY] = present[LM_HEAD_KEY]  # tied weight stored under the lm_head name
+    missing = sorted(set(expected) - set(present))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} key(s): {shown}", hint="is this a pi05 checkpoint?")
+    for key, shape in expected.items():
+        if tuple(present[key][0]) != shape:
+            raise CheckpointError(
+                f"shape mismatch for {key}: checkpoint has {list(present[key][0])}, config expects {list(shape)}",
+                hint=f"pass --config with the checkpoint's dimensions (config used: {info.config_source})",
+            )
+    extra = sorted(set(present) - set(expected) - {LM_HEAD_KEY, EXPERT_LM_HEAD_KEY})
+    if extra:
+        log.warning("ignoring %d unexpected key(s): %s", len(extra), ", ".join(extra[:8]))
+
+    wanted = {k: (EMBED_KEY if k == LM_HEAD_KEY and EMBED_KEY not in info.tensors else k) for k in info.tensors}
+    state: dict[str, torch.Tensor] = {}
+    for file in info.files:
+        with _open(file) as f:
+            for raw_key in f.keys():
+                key = wanted.get(_canonical(raw_key, info.layout))
+                if key not in expected or key in state:
+                    continue
+                tensor = f.get_tensor(raw_key)
+                want = torch.float32 if target == torch.float32 or keeps_fp32(key) else target
+                state[key] = tensor.to(want)
+    with torch.device("meta"):
+        model = Pi05Model(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), info
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}", hint="use float32, bfloat16 or float16") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(
+    model: Any,
+    out_dir: str | Path,
+    layout: Layout | str = Layout.openpi,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+    expert_lm_head: bool = True,
+) -> Path:
+    """Write ``model`` as an openpi or lerobot checkpoint directory (atomically).
+
+    openpi layout stores the tied embedding under ``paligemma.lm_head.weight`` like openpi's own
+    files and, with ``expert_lm_head``, a zero ``gemma_expert.lm_head.weight`` so openpi's strict
+    loader accepts the file (openpi never uses it). Shards past ``max_shard_bytes`` with an index.
+    """
+    from safetensors.torch import save_file
+
+    from pi05_export.artifacts import staging_dir
+
+    layout = Layout(layout)
+    cfg: Pi05Config = model.config
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        target = _torch_dtype(dtype)
+        state = {k: v.to(target) for k, v in state.items()}
+    if layout is Layout.openpi:
+        state[LM_HEAD_KEY] = state.pop(EMBED_KEY)
+        if expert_lm_head:
+            ref = state[LM_HEAD_KEY]
+            state[EXPERT_LM_HEAD_KEY] = torch.zeros(cfg.llm.vocab_size, cfg.expert.width, dtype=ref.dtype)
+        config_json: dict[str, Any] = {
+            "action_dim": cfg.action_dim,
+            "action_horizon": cfg.action_horizon,
+            "paligemma_variant": "gemma_2b",
+            "action_expert_variant": "gemma_300m",
+            "precision": str(next(iter(state.values())).dtype).removeprefix("torch."),
+        }
+    else:
+        state = {LEROBOT_PREFIX + k: v for k, v in state.items()}
+        config_json = {
+            "type": "pi05",
+            "chunk_size": cfg.action_horizon,
+            "n_action_steps": cfg.action_horizon,
+            "max_action_dim": cfg.action_dim,
+            "max_state_dim": cfg.action_dim,
+            "tokenizer_max_length": cfg.max_token_len,
+            "num_inference_steps": cfg.num_steps,
+            "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
+            "paligemma_variant": "gemma_2b",
+            "action_expert_variant": "gemma_300m",
+        }
+    config_json[OUR_CONFIG_KEY] = cfg.to_dict()
+
+    shards = _shard(state, max_shard_bytes)
+    with staging_dir(out_dir) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True))
+    return Path(out_dir)
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Random weights (tests and full-size benchmarks: nothing can be downloaded here)
+# ---------------------------------------------------------------------------------------------
+def random_model(config: Pi05Config | str, seed: int = 0) -> Any:
+    """A :class:`Pi05Model` with seeded random weights scaled so every path carries signal.
+
+    Unlike openpi's init (zero adaRMS ``dense``, zero norm weights), every parameter is random, so
+    the adaRMS gates, norms and time conditioning all affect the output and tests can see bugs.
+    """
+    from pi05_export.model.pi05 import Pi05Model
+
+    cfg = Pi05Config.from_name(config) if isinstance(config, str) else config
+    gen = torch.Generator().manual_seed(seed)
+    model = Pi05Model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and "embed" not in name:
+                fan_in = p[0].numel()
+                std = (0.3 if ".dense." in name else 1.0) / fan_in**0.5
+            elif "embed" in name:
+                std = 0.5 if "position" in name else 1.0 / p.shape[-1] ** 0.5
+            else:  # biases and norm weights
+                std = 0.1
+            p.normal_(0.0, std, generator=gen)
+    return model.eval()
+
+
+def resolve_model(
+    checkpoint: str | Path | None,
+    *,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> tuple[Any, dict[str, Any]]:
+    """The one way commands obtain a model: a checkpoint, or a preset with random weights.
+
+    Returns the model and a ``source`` dict for manifests.
+    """
+    if checkpoint is not None:
+        if preset is not None or random_init:
+            raise ConfigError("give either a CHECKPOINT or --preset/--random-init, not both", hint="drop one of them")
+        model, info = load_checkpoint(checkpoint, config, dtype=dtype)
+        return model, {"kind": "checkpoint", "path": str(info.path), "layout": info.layout.value,
+                       "sha256": _files_digest(info.files)}
+    if preset is None and config is None:
+        raise ConfigError("no model given", hint="pass a CHECKPOINT, or --preset tiny --random-init")
+    if not random_init:
+        raise ConfigError("--preset/--config without a checkpoint needs --random-init", hint="add --random-init --seed S")
+    cfg = Pi05Config.from_file(config) if config is not None else Pi05Config.from_name(preset or "")
+    model = random_model(cfg, seed)
+    if dtype != "float32":
+        from pi05_export.model.pi05 import apply_dtype_policy
+
+        apply_dtype_policy(model, _torch_dtype(dtype))
+    return model, {"kind": "random", "preset": preset, "config_file": str(config) if config else None, "seed": seed}
+
+
+def _files_digest(files: list[Path]) -> str:
+    """sha256 over the weight files (streamed)."""
+    import hashlib
+
+    from pi05_export.artifacts import sha256_file
+
+    if len(files) == 1:
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()

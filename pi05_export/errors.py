@@ -1,0 +1,53 @@
+"""User-facing errors. Each carries a one-line message and a hint naming the fix.
+
+Bugs raise ordinary exceptions; only mistakes a user can fix raise these. The CLI prints
+``error: <message>`` and ``hint: <hint>`` on stderr and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class Pi05ExportError(Exception):
+    """A mistake the user can fix (bad input, missing artifact, unsupported hardware)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class ConfigError(Pi05ExportError):
+    """A configuration file or preset is invalid."""
+
+
+class CheckpointError(Pi05ExportError):
+    """A checkpoint is missing, corrupt, or does not match the configuration."""
+
+
+class ArtifactError(Pi05ExportError):
+    """An upstream artifact (manifest, graph, engine) is missing or does not match."""
+
+
+class InputError(Pi05ExportError):
+    """An observation / inputs file violates the .npz contract."""
+
+
+class RecipeError(Pi05ExportError):
+    """A precision recipe is malformed or does not apply to the model."""
+
+
+class DependencyError(Pi05ExportError):
+    """An optional dependency (TensorRT, JAX, ...) is not installed. Setup problem: exit 2."""
+
+    exit_code = 2
+
+
+class HardwareError(Pi05ExportError):
+    """The GPU cannot run what was asked (e.g. NVFP4 on Hopper). Setup problem: exit 2."""
+
+    exit_code = 2

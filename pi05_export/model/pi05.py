@@ -1,0 +1,226 @@
+"""The Pi0.5 model: export-friendly, parameter names identical to openpi's PyTorch checkpoint.
+
+Every method takes and returns explicit tensors; the methods are exactly the exported components
+(see :mod:`pi05_export.components`), and ``sample_actions`` chains them the way the runtime does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pi05_export.config import Pi05Config
+from pi05_export.model.common import attend, mask_to_bias, sinusoidal_time_embedding
+from pi05_export.model.gemma import GemmaModel
+from pi05_export.model.siglip import Projector, VisionTower
+
+
+class PaliGemmaModel(nn.Module):
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        self.vision_tower = VisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg.vision.width, cfg.llm.width)
+        self.language_model = GemmaModel(cfg.llm)
+
+
+class PaliGemma(nn.Module):
+    """``lm_head`` is tied to ``embed_tokens`` and unused for actions, so it is not held here."""
+
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        self.model = PaliGemmaModel(cfg)
+
+
+class GemmaExpert(nn.Module):
+    """The action expert. openpi's unused, never-trained ``lm_head`` is deliberately omitted."""
+
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        self.model = GemmaModel(cfg.expert, cond_dim=cfg.expert.width)
+
+
+class PaliGemmaWithExpert(nn.Module):
+    def __init__(self, cfg: Pi05Config) -> None:
+        super().__init__()
+        self.paligemma = PaliGemma(cfg)
+        self.gemma_expert = GemmaExpert(cfg)
+
+
+class Pi05Model(nn.Module):
+    def __init__(self, config: Pi05Config) -> None:
+        super().__init__()
+        self.config = config
+        w = config.expert.width
+        self.paligemma_with_expert = PaliGemmaWithExpert(config)
+        self.action_in_proj = nn.Linear(config.action_dim, w)
+        self.action_out_proj = nn.Linear(w, config.action_dim)
+        self.time_mlp_in = nn.Linear(w, w)
+        self.time_mlp_out = nn.Linear(w, w)
+
+    # -- sub-module shortcuts ---------------------------------------------------------------
+    @property
+    def vision(self) -> nn.Module:
+        return self.paligemma_with_expert.paligemma.model.vision_tower.vision_model
+
+    @property
+    def projector(self) -> Projector:
+        return self.paligemma_with_expert.paligemma.model.multi_modal_projector
+
+    @property
+    def llm(self) -> GemmaModel:
+        return self.paligemma_with_expert.paligemma.model.language_model
+
+    @property
+    def expert(self) -> GemmaModel:
+        return self.paligemma_with_expert.gemma_expert.model
+
+    # -- components ---------------------------------------------------------------------------
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> [N, num_patches, llm.width] (SigLIP + projector)."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed_prefix(
+        self, image_embeds: torch.Tensor, image_mask: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate image and scaled token embeddings; build the prefix validity mask [B, P]."""
+        n_img = self.config.vision.num_patches
+        tok = self.llm.embed_tokens(tokens)
+        tok = tok * math.sqrt(tok.shape[-1])
+        embeds = torch.cat([image_embeds.to(tok.dtype), tok], dim=1)
+        image_tokens_mask = image_mask[:, :, None].expand(-1, -1, n_img).reshape(image_mask.shape[0], -1)
+        return embeds, torch.cat([image_tokens_mask, token_mask], dim=1)
+
+    def prefix_kv_cache(
+        self, image_embeds: torch.Tensor, image_mask: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeds [B, V*N, D], masks, tokens -> (KV cache [depth, 2, B, Hkv, P, D], prefix_mask [B, P])."""
+        embeds, prefix_mask = self.embed_prefix(image_embeds, image_mask, tokens, token_mask)
+        return self.llm.prefix_kv_cache(embeds, prefix_mask), prefix_mask
+
+    def embed_suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy actions [B, H, A] and time [B] -> (suffix_embeds [B, H, W], adarms_cond [B, W]), fp32."""
+        suffix = self.action_in_proj(x_t.float())
+        emb = sinusoidal_time_embedding(t, self.config.expert.width)
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
+        return suffix, cond
+
+    def expert_hidden(
+        self, suffix_embeds: torch.Tensor, adarms_cond: torch.Tensor, kv_cache: torch.Tensor, prefix_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.expert.suffix_hidden(suffix_embeds, adarms_cond, kv_cache, prefix_mask)
+
+    def project_velocity(self, suffix_hidden: torch.Tensor) -> torch.Tensor:
+        return self.action_out_proj(suffix_hidden.float())
+
+    def denoise_step(self, x_t: torch.Tensor, t: torch.Tensor, kv_cache: torch.Tensor, prefix_mask: torch.Tensor) -> torch.Tensor:
+        """One flow-matching velocity evaluation v_t [B, H, A] (fp32)."""
+        suffix, cond = self.embed_suffix(x_t, t)
+        return self.project_velocity(self.expert_hidden(suffix, cond, kv_cache, prefix_mask))
+
+    # -- full pipeline --------------------------------------------------------------------------
+    def encode_observation(
+        self, images: torch.Tensor, image_mask: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, v = images.shape[:2]
+        image_embeds = self.embed_images(images.flatten(0, 1)).reshape(b, v * self.config.vision.num_patches, -1)
+        return self.prefix_kv_cache(image_embeds, image_mask, tokens, token_mask)
+
+    @torch.no_grad()
+    def sample_actions(
+        self,
+        images: torch.Tensor,
+        image_mask: torch.Tensor,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prefix once, then ``num_steps`` Euler steps from t=1 (noise) to t=0 (actions), in fp32.
+
+        Time is accumulated in fp32 exactly as openpi does (``t += dt``).
+        """
+        num_steps = num_steps or self.config.num_steps
+        b = images.shape[0]
+        if noise is None:
+            shape = (b, self.config.action_horizon, self.config.action_dim)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=images.device)
+        kv_cache, prefix_mask = self.encode_observation(images, image_mask, tokens, token_mask)
+        x = noise.float()
+        dt = torch.tensor(-1.0 / num_steps, dtype=torch.float32, device=x.device)
+        t = torch.tensor(1.0, dtype=torch.float32, device=x.device)
+        for _ in range(num_steps):
+            x = x + dt * self.denoise_step(x, t.expand(b), kv_cache, prefix_mask)
+            t = t + dt
+        return x
+
+    def velocity_uncached(
+        self,
+        images: torch.Tensor,
+        image_mask: torch.Tensor,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+    ) -> torch.Tensor:
+        """Reference: one joint prefix+suffix pass (openpi's training forward), no KV cache.
+
+        Independent of the cache path: the 2-D mask comes from openpi's cumulative ``ar`` rule and
+        positions from ``cumsum(pad) - 1`` over the whole sequence.
+        """
+        b, v = images.shape[:2]
+        image_embeds = self.embed_images(images.flatten(0, 1)).reshape(b, v * self.config.vision.num_patches, -1)
+        xp, prefix_mask = self.embed_prefix(image_embeds, image_mask, tokens, token_mask)
+        suffix, cond = self.embed_suffix(x_t, t)
+        xp, xs = xp.to(self.llm.dtype), suffix.to(self.expert.dtype)
+        p, h = xp.shape[1], xs.shape[1]
+        pad = torch.cat([prefix_mask, torch.ones(b, h, dtype=torch.bool, device=xp.device)], dim=1)
+        ar = torch.zeros(p + h, dtype=torch.int64, device=xp.device)
+        ar[p] = 1
+        cum = torch.cumsum(ar, 0)
+        allowed = (cum[None, :] <= cum[:, None])[None] & pad[:, None, :] & pad[:, :, None]
+        bias = mask_to_bias(allowed)
+        cos, sin = self.llm.rope(torch.cumsum(pad.to(torch.int64), dim=1) - 1)
+        scale = self.config.llm.head_dim**-0.5
+        for lp, ls in zip(self.llm.layers, self.expert.layers, strict=True):
+            hp, _ = lp.pre_attention(xp, None)
+            hs, gs = ls.pre_attention(xs, cond)
+            qp, kp, vp = lp.qkv(hp, cos[:, :p], sin[:, :p])
+            qs, ks, vs = ls.qkv(hs, cos[:, p:], sin[:, p:])
+            out = attend(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), bias, scale)
+            xp = lp.post_attention(xp, out[:, :p], None, None)
+            xs = ls.post_attention(xs, out[:, p:], gs, cond)
+        hidden, _ = self.expert.norm(xs, cond)
+        return self.project_velocity(hidden)
+
+
+# Parameters openpi keeps in fp32 under its bf16 policy (gemma_pytorch.py
+# to_bfloat16_for_selected_params, plus PI0Pytorch's own projections which are never cast).
+FP32_KEEP = (
+    "vision_tower.vision_model.embeddings.patch_embedding.weight",
+    "vision_tower.vision_model.embeddings.patch_embedding.bias",
+    "vision_tower.vision_model.embeddings.position_embedding.weight",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "model.norm",
+    "action_in_proj",
+    "action_out_proj",
+    "time_mlp_in",
+    "time_mlp_out",
+)
+
+
+def keeps_fp32(name: str) -> bool:
+    return any(k in name for k in FP32_KEEP)
+
+
+def apply_dtype_policy(model: Pi05Model, dtype: torch.dtype) -> Pi05Model:
+    """Cast to ``dtype`` (fp16/bf16) except openpi's fp32 keep-list; ``float32`` casts everything to fp32."""
+    for name, param in model.named_parameters():
+        target = torch.float32 if dtype == torch.float32 or keeps_fp32(name) else dtype
+        if param.dtype != target:
+            param.data = param.data.to(target)
+    return model
