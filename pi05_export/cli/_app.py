@@ -1,0 +1,78 @@
+"""The Typer app, global options and shared CLI helpers (console, progress, model options)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="pi05-export",
+    help="Pi0.5 checkpoints -> ONNX -> TensorRT engines, validated against PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+@app.callback()
+def _callback(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    root = logging.getLogger("pi05_export")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# Options shared by every command that needs a model (one definition, one helper).
+CheckpointArg = Annotated[
+    Optional[Path], typer.Argument(help="Checkpoint dir or model.safetensors (openpi or lerobot layout).", show_default=False)
+]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset instead of a checkpoint: tiny | pi05.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Config file (JSON/YAML) with explicit dimensions.")]
+RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Seeded random weights (with --preset/--config).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights / noise.")]
+
+
+def load_model(checkpoint: Path | None, preset: str | None, config: Path | None, random_init: bool, seed: int,
+               dtype: str = "float32"):  # type: ignore[no-untyped-def]
+    from pi05_export.checkpoint import resolve_model
+
+    with status(f"loading {'checkpoint ' + str(checkpoint) if checkpoint else 'preset ' + str(preset or config)}"):
+        return resolve_model(checkpoint, preset=preset, config=config, random_init=random_init, seed=seed, dtype=dtype)
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    with err_console.status(message):
+        yield
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar on stderr, exposed as the library's ``progress(name, i, n)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=False,
+    ) as prog:
+        task = prog.add_task(description, total=total)
+
+        def update(name: str, i: int, n: int) -> None:
+            prog.update(task, completed=i, total=n, description=f"{description}: {name}")
+
+        yield update

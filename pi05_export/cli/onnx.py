@@ -1,0 +1,62 @@
+"""``pi05-export onnx`` and ``pi05-export inspect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pi05_export.cli._app import (
+    CheckpointArg, ConfigOpt, PresetOpt, RandomInitOpt, SeedOpt, app, err_console, load_model, out_console, progress_bar,
+)
+from pi05_export.export import DEFAULT_OPSET
+
+
+@app.command()
+def onnx(
+    checkpoint: CheckpointArg = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory (replaced atomically).")] = ...,  # type: ignore[assignment]
+    components: Annotated[Optional[str], typer.Option("--components", help="Comma list: vision,llm,expert,projections,denoise.")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 (typed graphs for strong typing).")] = "fp32",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (19 parses on TensorRT 10.13 and 11.x).")] = DEFAULT_OPSET,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Export every component to ONNX with a manifest."""
+    from pi05_export.export import export_onnx, parse_components
+
+    selected = parse_components(components)  # fail on a typo before loading anything
+    model, source = load_model(checkpoint, preset, config, random_init, seed)
+    with progress_bar("export", len(selected)) as progress:
+        manifest = export_onnx(model, out, source=source, components=[c.value for c in selected],
+                               precision=precision, opset=opset, progress=progress)
+    for name, entry in manifest.components.items():
+        err_console.print(f"  {name:<12} {entry['bytes'] / 1e6:9.1f} MB  {entry['export_seconds']:6.1f}s  {entry['path']}")
+    err_console.print(f"wrote {out}/manifest.json ({precision}, opset {opset})")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory written by `pi05-export onnx` (or a .onnx file).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Lint exported graphs: ops, opset, MatMul input dtypes, casts, initializer bytes, -inf constants."""
+    import json
+
+    from pi05_export.lint import lint_graphs
+
+    reports = lint_graphs(out)
+    if as_json:
+        out_console.print_json(json.dumps(reports))
+        return
+    for name, r in reports.items():
+        out_console.print(f"[bold]{name}[/] opset={r['opset']} nodes={r['nodes']} casts={r['casts']} "
+                          f"matmul_inputs={r['matmul_input_dtypes']} init_bytes={r['initializer_bytes']}")
+        out_console.print("  ops: " + ", ".join(f"{k}={v}" for k, v in sorted(r["ops"].items())))
+        for problem in r["problems"]:
+            out_console.print(f"  [red]problem:[/] {problem}")
+    if any(r["problems"] for r in reports.values()):
+        raise typer.Exit(1)

@@ -1,0 +1,173 @@
+"""ONNX export: ONE generic loop over :data:`pi05_export.components` -> ``OUT/onnx/*.onnx``.
+
+Precision lives in the graph: ``fp16``/``bf16`` exports a model cast with openpi's dtype policy, so
+the ONNX carries fp16/bf16 tensors with fp32 islands (norm statistics, softmax, RoPE, the time
+embedding and the four action/time projections) and TensorRT can build it strongly typed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pi05_export.artifacts import Manifest, sha256_file, staging_dir
+from pi05_export.components import (
+    ALL_COMPONENTS,
+    BATCH,
+    NUM_IMAGES,
+    Component,
+    component_specs,
+    example_inputs,
+)
+from pi05_export.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Opset 19: float8 QuantizeLinear/DequantizeLinear, parsed by TensorRT 10.13 (JetPack 7 on Jetson
+# Thor) and 11.x. Attention stays explicit MatMul/Softmax (no opset-23 `Attention` node, which
+# TensorRT parses only from 10.14), so one default serves both. NVFP4 graphs need opset 23.
+DEFAULT_OPSET = 19
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_SUBDIR = "onnx"
+MAX_DYNAMIC = 4096
+
+
+def parse_components(names: Sequence[str] | str | None) -> list[Component]:
+    """Component names (list or comma-separated) -> ordered unique Components; error lists valid ones."""
+    if names is None:
+        return list(ALL_COMPONENTS)
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out: list[Component] = []
+    for raw in names:
+        for n in str(raw).split(","):
+            n = n.strip()
+            try:
+                c = Component(n)
+            except ValueError:
+                valid = ", ".join(c.value for c in ALL_COMPONENTS)
+                raise ConfigError(f"unknown component {n!r}", hint=f"valid components: {valid}") from None
+            if c not in out:
+                out.append(c)
+    if not out:
+        raise ConfigError("no components given", hint="e.g. --components vision,llm,denoise")
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs per-op chatter (and torchvision notices) at WARNING; keep our output clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+def export_component(model: Any, component: Component, path: Path, *, compute_dtype: str, opset: int) -> dict[str, Any]:
+    """Export one component to ``path`` (+ ``path.data``); returns its manifest entry."""
+    import onnx
+
+    cfg = model.config
+    spec = component_specs(cfg, compute_dtype)[component]
+    wrapper = spec.wrap(model).eval()
+    example = example_inputs(spec, cfg, batch=2)
+    args = tuple(example[t.name] for t in spec.inputs)
+    dims = {d: torch.export.Dim(d, min=1, max=MAX_DYNAMIC) for d in (BATCH, NUM_IMAGES)}
+    dynamic_shapes = {
+        t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs
+    }
+    start = time.perf_counter()
+    with _quiet_exporter(), torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            external_data=True,
+            optimize=True,
+            verbose=False,
+        )
+    seconds = time.perf_counter() - start
+    onnx.checker.check_model(str(path))  # by path: works for graphs over 2 GB
+    proto = onnx.load(str(path), load_external_data=False)
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    want_in, want_out = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+    if got_in != want_in or got_out != want_out:  # a bug, not a user error
+        raise RuntimeError(f"{component.value}: exported I/O {got_in}->{got_out} != spec {want_in}->{want_out}")
+    data = path.with_name(path.name + ".data")
+    return {
+        "path": f"{ONNX_SUBDIR}/{path.name}",
+        "external_data": f"{ONNX_SUBDIR}/{data.name}" if data.exists() else None,
+        "description": spec.description,
+        "inputs": [t.to_dict() for t in spec.inputs],
+        "outputs": [t.to_dict() for t in spec.outputs],
+        "dynamic_dims": sorted(spec.dynamic_dims),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
+        "export_seconds": round(seconds, 2),
+    }
+
+
+def export_onnx(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    source: dict[str, Any],
+    components: Sequence[str] | str | None = None,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Manifest:
+    """Export ``components`` of ``model`` into ``out_dir`` (replaced atomically) and return the manifest.
+
+    ``model`` is cast in place to ``precision`` with openpi's dtype policy.
+    ``progress(component, index, total)`` is called before each component.
+    """
+    from pi05_export.model.pi05 import apply_dtype_policy
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+    if not 17 <= opset <= 23:
+        raise ConfigError(f"opset {opset} is not supported", hint="use an opset between 17 and 23 (default 19)")
+    selected = parse_components(components)
+    apply_dtype_policy(model, PRECISIONS[precision])
+    compute_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+    manifest = Manifest(
+        stage="onnx",
+        config=model.config.to_dict(),
+        source=source,
+        precision=precision,
+        opset=opset,
+    )
+    with staging_dir(out_dir) as tmp:
+        (tmp / ONNX_SUBDIR).mkdir()
+        for i, comp in enumerate(selected):
+            if progress:
+                progress(comp.value, i, len(selected))
+            log.info("exporting %s (%s, opset %d)", comp.value, precision, opset)
+            entry = export_component(model, comp, tmp / ONNX_SUBDIR / f"{comp.value}.onnx", compute_dtype=compute_dtype, opset=opset)
+            manifest.components[comp.value] = entry
+            log.info("  %s: %.1f MB in %.1fs", comp.value, entry["bytes"] / 1e6, entry["export_seconds"])
+        if progress:
+            progress("done", len(selected), len(selected))
+        manifest.write(tmp)
+    return manifest
