@@ -1,0 +1,39 @@
+"""Comparison metrics used by tests, ``validate`` and quantization reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _f64(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor (bf16 included)
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def compare(actual: Any, reference: Any) -> dict[str, float]:
+    """cosine similarity, max abs, mean abs and relative L2 of ``actual`` vs ``reference``."""
+    a, r = _f64(actual), _f64(reference)
+    if a.shape != r.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {r.shape}")
+    d = np.abs(a - r)
+    na, nr = np.linalg.norm(a), np.linalg.norm(r)
+    if a.size == 0:
+        return {"cosine": 1.0, "max_abs": 0.0, "mean_abs": 0.0, "rel_l2": 0.0}
+    if na == 0 and nr == 0:
+        cos = 1.0
+    else:
+        cos = float(a.ravel() @ r.ravel() / max(na * nr, 1e-300))
+    finite = bool(np.isfinite(a).all())
+    return {
+        "cosine": cos if finite else float("nan"),
+        "max_abs": float(d.max()) if finite else float("inf"),
+        "mean_abs": float(d.mean()) if finite else float("inf"),
+        "rel_l2": float(np.linalg.norm(a - r) / max(nr, 1e-300)) if finite else float("inf"),
+    }
+
+
+def describe(m: dict[str, float]) -> str:
+    return f"max abs {m['max_abs']:.3e}, mean abs {m['mean_abs']:.3e}, cosine {m['cosine']:.7f}, rel L2 {m['rel_l2']:.3e}"

@@ -1,0 +1,173 @@
+"""The reference model: key names, independent implementations (transformers), cache vs joint pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pi05_export.checkpoint import random_model
+from pi05_export.checkpoint.io import EXPERT_LM_HEAD_KEY, LM_HEAD_KEY
+from pi05_export.config import Pi05Config
+from pi05_export.metrics import compare, describe
+from pi05_export.model.pi05 import Pi05Model, apply_dtype_policy
+from pi05_export.observation import random_observation
+from tests.tolerances import REF_ATOL
+
+KEYS_TSV = Path(__file__).parent / "data" / "pi05_state_dict_keys.tsv"
+
+
+def _assert_close(actual, ref, atol, what=""):
+    m = compare(actual, ref)
+    assert m["max_abs"] <= atol, f"{what}: {describe(m)} (atol {atol})"
+
+
+def test_full_size_keys_and_shapes_match_openpi():
+    """All 813 openpi keys (minus the two lm_heads we do not hold) with identical shapes."""
+    rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines()[1:]]
+    ref = {k: tuple(int(d) for d in s.strip("[]").split(", ")) for k, s, _ in rows}
+    with torch.device("meta"):
+        model = Pi05Model(Pi05Config.from_name("pi05"))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert len(ref) == 813
+    assert set(ref) - set(ours) == {LM_HEAD_KEY, EXPERT_LM_HEAD_KEY}
+    assert set(ours) <= set(ref)
+    assert {k: ref[k] for k in ours} == ours
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(3.353e9, rel=2e-3)
+
+
+def test_dtype_policy_matches_openpi_tsv():
+    """bf16 policy: exactly the parameters openpi keeps fp32 stay fp32."""
+    rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines()[1:]]
+    ref = {k: d for k, _, d in rows}
+    with torch.device("meta"):
+        model = apply_dtype_policy(Pi05Model(Pi05Config.from_name("pi05")), torch.bfloat16)
+    for name, p in model.named_parameters():
+        assert str(p.dtype).removeprefix("torch.") == ref[name], name
+
+
+def test_siglip_matches_transformers(tiny_model):
+    transformers = pytest.importorskip("transformers")
+    v = tiny_model.config.vision
+    hf_cfg = transformers.SiglipVisionConfig(
+        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
+        image_size=v.image_size, patch_size=v.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=v.eps,
+        vision_use_head=False, attn_implementation="eager",
+    )
+    hf = transformers.SiglipVisionModel(hf_cfg).eval()
+    prefix = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
+    sd = {k[len(prefix):]: t for k, t in tiny_model.state_dict().items() if k.startswith(prefix)}
+    hf.load_state_dict(sd, strict=True)
+    pixels = torch.rand(3, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels).last_hidden_state
+        ours = tiny_model.vision(pixels)
+    _assert_close(ours, ref, REF_ATOL, "SigLIP")
+
+
+def test_prefix_kv_matches_transformers_gemma(tiny_model):
+    """Our bidirectional prefix with padding vs HF GemmaModel given the same 4-D mask and positions."""
+    transformers = pytest.importorskip("transformers")
+    c = tiny_model.config.llm
+    hf_cfg = transformers.GemmaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_dim, num_hidden_layers=c.depth,
+        num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=c.eps, rope_theta=c.rope_theta, attn_implementation="eager",
+    )
+    hf = transformers.GemmaModel(hf_cfg).eval()
+    prefix = "paligemma_with_expert.paligemma.model.language_model."
+    hf.load_state_dict({k[len(prefix):]: t for k, t in tiny_model.state_dict().items() if k.startswith(prefix)}, strict=True)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, c.vocab_size, (2, 12), generator=gen)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    embeds = tiny_model.llm.embed_tokens(tokens) * c.width**0.5
+    bias = torch.where(mask[:, :, None] & mask[:, None, :], 0.0, -2.3819763e38)[:, None]
+    with torch.no_grad():
+        out = hf(input_ids=tokens, attention_mask=bias, position_ids=torch.cumsum(mask.long(), -1) - 1, use_cache=True)
+        kv = tiny_model.llm.prefix_kv_cache(embeds, mask)
+    cache = out.past_key_values
+    for layer in range(c.depth):
+        for b, n in ((0, 12), (1, 7)):  # padded positions are never attended; compare valid ones
+            _assert_close(kv[layer, 0, b, :, :n], cache.layers[layer].keys[b, :, :n], REF_ATOL, f"K layer {layer}")
+            _assert_close(kv[layer, 1, b, :, :n], cache.layers[layer].values[b, :, :n], REF_ATOL, f"V layer {layer}")
+
+
+def _obs_tensors(cfg, batch=2, seed=0):
+    return random_observation(cfg, batch=batch, seed=seed).torch()
+
+
+def test_cached_denoise_equals_uncached_joint_pass(tiny_model):
+    t_obs = _obs_tensors(tiny_model.config)
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, tiny_model.config.action_horizon, tiny_model.config.action_dim, generator=gen)
+    t = torch.tensor([0.9, 0.2])
+    with torch.no_grad():
+        kv, pm = tiny_model.encode_observation(t_obs["images"], t_obs["image_mask"], t_obs["tokens"], t_obs["token_mask"])
+        cached = tiny_model.denoise_step(x_t, t, kv, pm)
+        joint = tiny_model.velocity_uncached(t_obs["images"], t_obs["image_mask"], t_obs["tokens"], t_obs["token_mask"], x_t, t)
+    _assert_close(cached, joint, REF_ATOL, "cached vs joint")
+
+
+def _sample(model, obs, **overrides):
+    o = {**obs, **overrides}
+    return model.sample_actions(o["images"], o["image_mask"], o["tokens"], o["token_mask"], noise=o["noise"], num_steps=4)
+
+
+def test_masked_views_and_padded_tokens_change_nothing(tiny_model):
+    obs = _obs_tensors(tiny_model.config)
+    base = _sample(tiny_model, obs)
+    images = obs["images"].clone()
+    images[~obs["image_mask"]] = torch.rand_like(images[~obs["image_mask"]])  # garbage in masked cameras
+    tokens = torch.where(obs["token_mask"], obs["tokens"], torch.randint_like(obs["tokens"], 1, 1000))  # garbage padding
+    assert torch.equal(_sample(tiny_model, obs, images=images, tokens=tokens), base)
+
+
+def test_cache_not_mutated_and_deterministic(tiny_model):
+    obs = _obs_tensors(tiny_model.config)
+    with torch.no_grad():
+        kv, pm = tiny_model.encode_observation(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"])
+        before = kv.clone()
+        tiny_model.denoise_step(obs["noise"], torch.tensor([1.0, 1.0]), kv, pm)
+    assert torch.equal(kv, before)
+    assert torch.equal(_sample(tiny_model, obs), _sample(tiny_model, obs))
+
+
+def test_time_and_every_view_change_the_output(tiny_model):
+    obs = _obs_tensors(tiny_model.config)
+    with torch.no_grad():
+        kv, pm = tiny_model.encode_observation(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"])
+        v1 = tiny_model.denoise_step(obs["noise"], torch.tensor([0.9, 0.9]), kv, pm)
+        v2 = tiny_model.denoise_step(obs["noise"], torch.tensor([0.3, 0.3]), kv, pm)
+    assert compare(v1, v2)["max_abs"] > 1e-3, "time conditioning has no effect"
+    base = _sample(tiny_model, obs)
+    all_views = {**obs, "image_mask": torch.ones_like(obs["image_mask"])}
+    base_all = _sample(tiny_model, all_views)
+    for view in range(tiny_model.config.num_views):
+        images = all_views["images"].clone()
+        images[:, view] = -images[:, view]
+        changed = _sample(tiny_model, {**all_views, "images": images})
+        assert compare(changed, base_all)["max_abs"] > 1e-4, f"view {view} has no effect"
+    assert not torch.equal(base, base_all), "image_mask has no effect"
+
+
+def test_bf16_policy_stays_close_to_fp32(tiny_model):
+    obs = _obs_tensors(tiny_model.config)
+    ref = _sample(tiny_model, obs)
+    bf16 = apply_dtype_policy(random_model("tiny", seed=0), torch.bfloat16)
+    assert compare(_sample(bf16, obs), ref)["cosine"] > 0.999
+
+
+def test_explicit_dims_config_from_issue():
+    """8 query heads of 16 dims, widths 64/48, 2 layers, 56x56 images, vocab 1024, horizon 10."""
+    cfg = Pi05Config.from_dict({
+        "vision": {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 4, "patch_size": 14, "image_size": 56},
+        "llm": {"width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 1, "head_dim": 16, "vocab_size": 1024},
+        "expert": {"width": 48, "depth": 2, "mlp_dim": 96, "num_heads": 8, "num_kv_heads": 1, "head_dim": 16},
+        "action_horizon": 10, "max_token_len": 16,
+    })
+    model = random_model(cfg, seed=1)
+    obs = random_observation(cfg, batch=1, seed=1).torch()
+    out = _sample(model, obs)
+    assert out.shape == (1, 10, 32) and torch.isfinite(out).all()

@@ -1,0 +1,9 @@
+"""Named numerical tolerances for every test tier (see STYLE.md 'Testing conventions')."""
+
+# fp32 PyTorch vs an independent fp32 implementation (transformers) or the uncached reference.
+REF_ATOL = 1e-5
+# fp32 PyTorch vs fp32 ONNX Runtime, per component and end to end.
+ONNX_FP32_ATOL = 1e-4
+ONNX_FP32_RTOL = 1e-4
+# fp16/bf16 typed graphs vs the fp32 PyTorch reference: cosine per output.
+TYPED_MIN_COSINE = {"fp16": 0.9999, "bf16": 0.9999}
