@@ -146,7 +146,7 @@ def test_time_and_every_view_change_the_output(tiny_model):
     base_all = _sample(tiny_model, all_views)
     for view in range(tiny_model.config.num_views):
         images = all_views["images"].clone()
-            images[:, view] = torch.rand_like(images[:, view]) * 2 - 1
+        images[:, view] = torch.rand_like(images[:, view]) * 2 - 1
         changed = _sample(tiny_model, {**all_views, "images": images})
         assert compare(changed, base_all)["max_abs"] > 1e-4, f"view {view} has no effect"
     assert not torch.equal(base, base_all), "image_mask has no effect"
