@@ -257,7 +257,10 @@ def load_checkpoint(
     missing = sorted(set(expected) - set(present))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise CheckpointError(f"checkpoint is missing {len(missing)} key(s): {shown}", hint="is this a pi05 checkpoint?")
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} key(s): {shown}",
+            hint=f"is this a pi05 checkpoint, and does its config match (config used: {info.config_source})?",
+        )
     for key, shape in expected.items():
         if tuple(present[key][0]) != shape:
             raise CheckpointError(
