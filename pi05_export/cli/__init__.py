@@ -10,6 +10,7 @@ import click
 
 from pi05_export.cli._app import app, err_console
 from pi05_export.cli import build as _build  # noqa: F401
+from pi05_export.cli import convert as _convert  # noqa: F401
 from pi05_export.cli import info as _info  # noqa: F401  (registers commands)
 from pi05_export.cli import infer as _infer  # noqa: F401
 from pi05_export.cli import onnx as _onnx  # noqa: F401
