@@ -9,6 +9,7 @@ import traceback
 import click
 
 from pi05_export.cli._app import app, err_console
+from pi05_export.cli import bench as _bench  # noqa: F401
 from pi05_export.cli import build as _build  # noqa: F401
 from pi05_export.cli import convert as _convert  # noqa: F401
 from pi05_export.cli import info as _info  # noqa: F401  (registers commands)

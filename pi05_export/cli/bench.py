@@ -1,0 +1,46 @@
+"""``pi05-export bench``: latency per component and end to end; table on stderr, one JSON line on stdout."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pi05_export.cli._app import CheckpointArg, ConfigOpt, PresetOpt, RandomInitOpt, SeedOpt, app, status
+
+Backend = enum.Enum("Backend", {b.replace("-", "_"): b for b in (
+    "torch", "torch-compile", "torch-cudagraph", "torch-compile-cudagraph", "onnxruntime", "tensorrt")}, type=str)
+Dtype = enum.Enum("Dtype", {d: d for d in ("bf16", "fp16", "fp32")}, type=str)
+
+
+@app.command()
+def bench(
+    checkpoint: CheckpointArg = None,
+    backend: Annotated[Backend, typer.Option("--backend", help="What runs the components.")] = Backend.torch,  # type: ignore[attr-defined]
+    artifacts: Annotated[Path | None, typer.Option("--artifacts", help="Export dir (onnxruntime/tensorrt backends).")] = None,
+    steps: Annotated[str, typer.Option("--steps", help="Comma list of Euler step counts.")] = "1,2,3,5,10",
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 1,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls before timing.")] = 5,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed calls per measurement.")] = 30,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Compute dtype (openpi policy keeps norms/projections fp32).")] = Dtype.bf16,  # type: ignore[attr-defined]
+    device: Annotated[str, typer.Option("--device", help="cuda | cpu")] = "cuda",
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Time vision, llm (prefix) and one denoise step, then end to end for each step count."""
+    from pi05_export.bench import RUNTIME_BACKENDS, format_table, load_bench_model, parse_steps, run_benchmark
+
+    steps_t = parse_steps(steps)  # fail on a typo before loading a model
+    model, source = None, None
+    if backend.value not in RUNTIME_BACKENDS:
+        with status(f"loading {checkpoint or preset or config} on {device}"):
+            model, source = load_bench_model(checkpoint, preset=preset, config=config, random_init=random_init,
+                                             seed=seed, dtype=dtype.value, device=device)
+    result = run_benchmark(model, backend=backend.value, artifacts=artifacts, steps=steps_t, batch=batch, warmup=warmup,
+                           iters=iters, dtype=dtype.value, device=device, seed=seed, source=source)
+    typer.echo(format_table(result), err=True)
+    typer.echo(result.to_json())
