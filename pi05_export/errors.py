@@ -1,7 +1,10 @@
 """User-facing errors. Each carries a one-line message and a hint naming the fix.
 
-Bugs raise ordinary exceptions; only mistakes a user can fix raise these. The CLI prints
-``error: <message>`` and ``hint: <hint>`` on stderr and exits with ``exit_code``.
+Bugs raise ordinary exceptions; only mistakes a user can fix raise these. The CLI prints one line,
+``error: <message> (hint: <hint>)``, on stderr and exits with ``exit_code``.
+
+Exit codes across the CLI: 0 success; 1 the command ran and its verdict is FAIL (``validate``,
+``inspect``); 2 bad input, missing artifacts, missing dependencies or unsupported hardware.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 class Pi05ExportError(Exception):
     """A mistake the user can fix (bad input, missing artifact, unsupported hardware)."""
 
-    exit_code = 1
+    exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -42,12 +45,8 @@ class RecipeError(Pi05ExportError):
 
 
 class DependencyError(Pi05ExportError):
-    """An optional dependency (TensorRT, JAX, ...) is not installed. Setup problem: exit 2."""
-
-    exit_code = 2
+    """An optional dependency (TensorRT, JAX, ...) is not installed."""
 
 
 class HardwareError(Pi05ExportError):
-    """The GPU cannot run what was asked (e.g. NVFP4 on Hopper). Setup problem: exit 2."""
-
-    exit_code = 2
+    """The GPU cannot run what was asked (e.g. NVFP4 on Hopper)."""

@@ -6,8 +6,6 @@ Markers (registered in pyproject.toml): ``gpu`` skips without CUDA, ``tensorrt``
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -15,12 +13,13 @@ from pi05_export.checkpoint import random_model
 
 
 def _tensorrt_importable() -> tuple[bool, str]:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, "tensorrt is not installed (it cannot be installed on this machine; see README 'TensorRT')"
+    from pi05_export.errors import DependencyError
+    from pi05_export.trt import require_tensorrt
+
     try:
-        import tensorrt  # noqa: F401
-    except Exception as e:  # installed but libnvinfer missing
-        return False, f"tensorrt does not import: {e}"
+        require_tensorrt()
+    except DependencyError as e:
+        return False, f"{e.message} (TensorRT cannot be installed on this machine; see README 'TensorRT')"
     return True, ""
 
 
@@ -52,3 +51,21 @@ def tiny_obs(tiny_model):
 
     return random_observation(tiny_model.config, batch=2, seed=0)
 
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """``pi05-export onnx --preset tiny --random-init`` per precision, exported once per session."""
+    from pi05_export.export import export_onnx
+
+    cache: dict[str, object] = {}
+
+    def get(precision: str = "fp32"):
+        if precision not in cache:
+            out = tmp_path_factory.mktemp(f"export-{precision}") / "out"
+            source = {"kind": "random", "preset": "tiny", "config_file": None, "seed": 0}
+            export_onnx(random_model("tiny", seed=0), out, source=source, precision=precision)
+            cache[precision] = out
+        return cache[precision]
+
+    return get

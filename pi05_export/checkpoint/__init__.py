@@ -10,6 +10,7 @@ from pi05_export.checkpoint.io import (
     inspect_checkpoint,
     load_checkpoint,
     random_model,
+    reference_model,
     resolve_model,
     save_checkpoint,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "inspect_checkpoint",
     "load_checkpoint",
     "random_model",
+    "reference_model",
     "resolve_model",
     "save_checkpoint",
 ]

@@ -441,7 +441,25 @@ def resolve_model(
         from pi05_export.model.pi05 import apply_dtype_policy
 
         apply_dtype_policy(model, _torch_dtype(dtype))
-    return model, {"kind": "random", "preset": preset, "config_file": str(config) if config else None, "seed": seed}
+    return model, {"kind": "random", "preset": preset, "config_file": str(Path(config).absolute()) if config else None,
+                   "seed": seed}
+
+
+def reference_model(source: dict[str, Any], checkpoint: str | Path | None = None, config: str | Path | None = None) -> Any:
+    """Rebuild the fp32 reference an artifact was made from (its manifest ``source``), or load ``checkpoint``."""
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, config)[0]
+    if source.get("kind") == "random":
+        return resolve_model(None, preset=source.get("preset"), config=source.get("config_file"), random_init=True,
+                             seed=int(source.get("seed", 0)))[0]
+    path = source.get("path")
+    if not path or not Path(path).exists():
+        raise CheckpointError(
+            f"the checkpoint the artifacts came from ({path}) is not available",
+            hint="pass it with --checkpoint PATH",
+        )
+    model, info = load_checkpoint(path, config)
+    return model
 
 
 def _files_digest(files: list[Path]) -> str:

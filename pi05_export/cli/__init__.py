@@ -16,6 +16,7 @@ from pi05_export.cli import info as _info  # noqa: F401  (registers commands)
 from pi05_export.cli import infer as _infer  # noqa: F401
 from pi05_export.cli import onnx as _onnx  # noqa: F401
 from pi05_export.cli import quantize as _quantize  # noqa: F401
+from pi05_export.cli import validate as _validate  # noqa: F401
 from pi05_export.errors import Pi05ExportError
 
 USAGE_EXIT = 2

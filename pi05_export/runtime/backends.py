@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pi05_export.components import Component, ComponentSpec, TensorSpec
-from pi05_export.errors import ArtifactError, DependencyError
+from pi05_export.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,11 @@ class OnnxRuntimeBackend:
         return {t.name: o for t, o in zip(spec.outputs, outs, strict=True)}
 
 
-def require_tensorrt() -> Any:
-    try:
-        import tensorrt
+def require_tensorrt() -> str:
+    """TensorRT's version, or DependencyError (exit 2) naming what to install where."""
+    from pi05_export.trt import require_tensorrt as _require
 
-        return tensorrt
-    except Exception as e:  # ImportError, or libnvinfer missing behind the bindings
-        raise DependencyError(
-            f"TensorRT is not installed ({type(e).__name__})",
-            hint="on x86: pip install tensorrt-cu12 (or -cu13) from NVIDIA's index; on Jetson: JetPack's python3-libnvinfer",
-        ) from None
+    return _require()
 
 
 class TensorRTBackend:
@@ -152,20 +147,20 @@ class TensorRTBackend:
         self.engines, self.specs = engines, specs
         self._runners: dict[Component, Any] = {}
 
-    def runner(self, component: Component) -> Any:
-        if component not in self._runners:
-            from polygraphy.backend.common import BytesFromPath
-            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    def make_runner(self, component: Component) -> Any:
+        """A fresh (inactive) Polygraphy TrtRunner for one engine."""
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-            path = self.engines.get(component)
-            if path is None:
-                raise ArtifactError(f"no {component.value} engine", hint=f"build it: pi05-export build OUT --components {component.value}")
-            runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))))
-            runner.activate()
-            self._runners[component] = runner
-        return self._runners[component]
+        path = self.engines.get(component)
+        if path is None:
+            raise ArtifactError(f"no {component.value} engine", hint=f"build it: pi05-export build OUT --components {component.value}")
+        return TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=f"tensorrt-{component.value}")
 
     def run(self, component: Component, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]
-        out = self.runner(component).infer({t.name: to_spec(feed[t.name], t) for t in spec.inputs})
+        if component not in self._runners:
+            self._runners[component] = self.make_runner(component)
+            self._runners[component].activate()
+        out = self._runners[component].infer({t.name: to_spec(feed[t.name], t) for t in spec.inputs})
         return {t.name: np.asarray(out[t.name]) for t in spec.outputs}

@@ -1,0 +1,3 @@
+from pi05_export.cli import main
+
+main()

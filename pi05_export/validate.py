@@ -1,0 +1,262 @@
+"""Validation: every exported artifact against the fp32 PyTorch reference, through Polygraphy.
+
+Per component, Polygraphy's ``Comparator.run`` drives a custom PyTorch runner and the artifact's
+runner (``OnnxrtRunner`` / ``TrtRunner``) on identical inputs recorded from the reference sampling
+loop (saved with the report). End to end, both pipelines sample actions from the same noise for
+each requested step count, and the per-step velocity drift is recorded. Thresholds come from
+:mod:`pi05_export.tolerances`; the report is ``OUT/reports/validation.{json,md}`` + ``drift.png``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pi05_export.artifacts import Manifest, staging_dir, tool_versions
+from pi05_export.components import Component, ComponentSpec
+from pi05_export.errors import ArtifactError
+from pi05_export.metrics import compare
+from pi05_export.observation import Observation, load_observation, random_observation
+from pi05_export.runtime import Pipeline, open_pipeline, pipeline_for_model
+from pi05_export.runtime.backends import TorchBackend, to_spec
+from pi05_export.tolerances import Status, thresholds_for, worst
+
+log = logging.getLogger(__name__)
+REPORTS = "reports"
+DENOISE_STEPS_SAMPLED = 3  # component checks use the first, middle and last Euler step's inputs
+
+
+@dataclass
+class Check:
+    name: str  # e.g. "llm/kv_cache" or "actions@10"
+    status: Status
+    gate: str
+    metrics: dict[str, float]
+
+
+@dataclass
+class Report:
+    artifacts: str
+    backend: str
+    precision: str
+    tolerance_row: str
+    reference: str
+    checks: list[Check] = field(default_factory=list)
+    drift: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> Status:
+        return worst([c.status for c in self.checks])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status}
+
+
+def _polygraphy_torch_runner(backend: TorchBackend, component: Component, artifact_spec: ComponentSpec) -> Any:
+    """A Polygraphy runner over the PyTorch reference (Polygraphy's own breaks on bf16)."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class TorchRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=f"pytorch-{component.value}")
+
+        def activate_impl(self) -> None:
+            pass
+
+        def get_input_metadata_impl(self) -> Any:
+            meta = TensorMetadata()
+            for t in artifact_spec.inputs:  # the feed carries the artifact's dtypes; we cast inside
+                meta.add(t.name, to_spec(np.zeros(0), t).dtype, [None if isinstance(d, str) else d for d in t.shape])
+            return meta
+
+        def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+            start = time.perf_counter()
+            out = backend.run(component, feed_dict)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict(out)
+
+        def deactivate_impl(self) -> None:
+            pass
+
+    return TorchRunner()
+
+
+def _artifact_runner(pipeline: Pipeline, component: Component) -> Any:
+    backend = pipeline.backend
+    if backend.name == "onnxruntime":
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        return OnnxrtRunner(backend._session(component), name=f"onnxruntime-{component.value}")  # type: ignore[attr-defined]
+    return backend.make_runner(component)  # type: ignore[attr-defined]  # TensorRT: a fresh TrtRunner
+
+
+def record_component_inputs(reference: Pipeline, obs: Observation, steps: int, seed: int) -> dict[Component, list[dict[str, np.ndarray]]]:
+    """Inputs every component sees in the reference sampling loop (denoise: first/middle/last step)."""
+    feeds: dict[Component, list[dict[str, np.ndarray]]] = {c: [] for c in Component}
+    reference.recorder = lambda comp, feed: feeds[comp].append({k: np.array(v) for k, v in feed.items()})
+    try:
+        reference.sample_actions(obs, steps=steps, seed=seed)
+    finally:
+        reference.recorder = None
+    picks = sorted({0, len(feeds[Component.denoise]) // 2, len(feeds[Component.denoise]) - 1})
+    feeds[Component.denoise] = [feeds[Component.denoise][i] for i in picks]
+    backend = reference.backend
+    for feed in feeds[Component.denoise]:  # split-path inputs at the same steps
+        proj = backend.run(Component.projections, {**feed, "suffix_hidden": np.zeros((*feed["x_t"].shape[:2], reference.config.expert.width), np.float32)})
+        expert_feed = {"suffix_embeds": proj["suffix_embeds"], "adarms_cond": proj["adarms_cond"],
+                       "kv_cache": feed["kv_cache"], "prefix_mask": feed["prefix_mask"]}
+        feeds[Component.expert].append(expert_feed)
+        hidden = backend.run(Component.expert, expert_feed)["suffix_hidden"]
+        feeds[Component.projections].append({"x_t": feed["x_t"], "t": feed["t"], "suffix_hidden": hidden})
+    return feeds
+
+
+def _judge(name: str, gate: Any, actual: np.ndarray, ref: np.ndarray) -> Check:
+    m = compare(actual, ref)
+    if actual.dtype == np.bool_ or np.issubdtype(actual.dtype, np.integer):
+        status: Status = "PASS" if m["max_abs"] == 0 else "FAIL"  # masks must match exactly
+        return Check(name, status, "exact", m)
+    return Check(name, gate.judge(m[gate.metric]), gate.describe(), m)
+
+
+def validate_artifacts(
+    artifacts: str | Path,
+    *,
+    backend: str = "onnxruntime",
+    model: Any,
+    steps: Sequence[int] = (10, 3),
+    inputs: str | Path | None = None,
+    seed: int = 0,
+    batch: int = 2,
+    engines: str | None = None,
+    write_report: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Report:
+    """Compare every component and the end-to-end actions of ``artifacts`` against ``model`` (fp32)."""
+    from polygraphy.logger import G_LOGGER
+
+    quiet = G_LOGGER.INFO if log.isEnabledFor(logging.DEBUG) else G_LOGGER.WARNING
+    with G_LOGGER.verbosity(quiet):
+        return _validate(artifacts, backend=backend, model=model, steps=steps, inputs=inputs, seed=seed, batch=batch,
+                         engines=engines, write_report=write_report, progress=progress)
+
+
+def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequence[int], inputs: str | Path | None, seed: int,
+              batch: int, engines: str | None, write_report: bool, progress: Callable[[str, int, int], None] | None) -> Report:
+    from polygraphy.comparator import Comparator
+
+    artifacts = Path(artifacts)
+    manifest = Manifest.read(artifacts)
+    if manifest.config != model.config.to_dict():
+        raise ArtifactError(
+            f"{artifacts} was exported from a different model config than the reference",
+            hint="pass the checkpoint the artifacts were exported from (--checkpoint)",
+        )
+    formats = (manifest.extra or {}).get("formats")
+    row, gates = thresholds_for(manifest.precision, formats)
+    cfg = model.config
+    reference = pipeline_for_model(model)
+    target = open_pipeline(backend, artifacts, engines=engines)
+    obs = load_observation(inputs, cfg) if inputs else random_observation(cfg, batch=batch, seed=seed)
+    obs = obs.with_noise(cfg, seed)
+    report = Report(
+        artifacts=str(artifacts), backend=backend, precision=manifest.precision, tolerance_row=row,
+        reference="PyTorch fp32 (pi05_export.model)",
+        environment={"tools": tool_versions(), "platform": platform.platform(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                     "steps": list(steps), "batch": obs.batch, "seed": seed, "inputs": str(inputs) if inputs else "random"},
+    )
+    comps = [c for c in Component if c.value in manifest.components]
+    total = len(comps) + len(steps)
+    feeds = record_component_inputs(reference, obs, max(steps), seed)
+
+    with staging_dir(artifacts / REPORTS) as tmp:
+        for i, comp in enumerate(comps):
+            if progress:
+                progress(comp.value, i, total)
+            spec = target.specs[comp]
+            loader = [OrderedDict((t.name, to_spec(f[t.name], t)) for t in spec.inputs) for f in feeds[comp]]
+            runners = [_polygraphy_torch_runner(reference.backend, comp, spec), _artifact_runner(target, comp)]
+            results = Comparator.run(runners, data_loader=loader, save_inputs_path=str(tmp / f"inputs_{comp.value}.json"))
+            results.save(str(tmp / f"outputs_{comp.value}.json"))
+            (ref_name, ref_iters), (_, art_iters) = results.items()
+            for out in spec.outputs:
+                ref = np.concatenate([np.asarray(it[out.name], np.float64).ravel() for it in ref_iters])
+                act = np.concatenate([np.asarray(it[out.name]).astype(np.float64).ravel() for it in art_iters])
+                if out.dtype == "bool":
+                    act, ref = act.astype(bool), ref.astype(bool)
+                report.checks.append(_judge(f"{comp.value}/{out.name}", gates.component, act, ref))
+        for j, n in enumerate(steps):
+            if progress:
+                progress(f"end to end, {n} steps", len(comps) + j, total)
+            ref_trace = reference.sample_actions(obs, steps=n, seed=seed)
+            art_trace = target.sample_actions(obs, steps=n, seed=seed)
+            report.checks.append(_judge(f"actions@{n}", gates.actions, art_trace.actions, ref_trace.actions))
+            report.drift[str(n)] = [compare(a, r) for a, r in zip(art_trace.velocities, ref_trace.velocities, strict=True)]
+        if progress:
+            progress("report", total, total)
+        if write_report:
+            (tmp / "validation.json").write_text(json.dumps(report.to_dict(), indent=2))
+            (tmp / "validation.md").write_text(render_markdown(report))
+            plot_drift(report, tmp / "drift.png")
+    return report
+
+
+def render_markdown(report: Report) -> str:
+    icon = {"PASS": "PASS", "WARN": "WARN", "FAIL": "**FAIL**"}
+    lines = [
+        f"# Validation: {report.status}",
+        "",
+        f"`{report.artifacts}` on **{report.backend}** ({report.precision}; tolerance row `{report.tolerance_row}`) "
+        f"vs {report.reference}. {report.environment.get('date', '')}, batch {report.environment.get('batch')}, "
+        f"inputs: {report.environment.get('inputs')}.",
+        "",
+        "| check | status | cosine | max abs | mean abs | rel L2 | gate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in report.checks:
+        m = c.metrics
+        lines.append(f"| {c.name} | {icon[c.status]} | {m['cosine']:.6f} | {m['max_abs']:.2e} | {m['mean_abs']:.2e} | "
+                     f"{m['rel_l2']:.2e} | {c.gate} |")
+    lines += ["", "Per-step velocity drift (artifact loop vs reference loop, same noise):", ""]
+    for n, rows in report.drift.items():
+        worst_cos = min(r["cosine"] for r in rows)
+        worst_abs = max(r["max_abs"] for r in rows)
+        lines.append(f"- {n} steps: worst cosine {worst_cos:.6f}, worst max abs {worst_abs:.2e} (see drift.png)")
+    tools = report.environment.get("tools", {})
+    lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in tools.items() if v), ""]
+    return "\n".join(lines)
+
+
+def plot_drift(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for n, rows in report.drift.items():
+        x = np.arange(1, len(rows) + 1)
+        axes[0].semilogy(x, [max(r["max_abs"], 1e-12) for r in rows], marker="o", label=f"{n} steps")
+        axes[1].semilogy(x, [max(1 - r["cosine"], 1e-12) for r in rows], marker="o", label=f"{n} steps")
+    axes[0].set_title("velocity max abs diff per step")
+    axes[1].set_title("velocity 1 - cosine per step")
+    for ax in axes:
+        ax.set_xlabel("Euler step (t = 1 -> 0)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{report.backend} {report.precision} vs PyTorch fp32: {report.status}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

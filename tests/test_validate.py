@@ -1,0 +1,86 @@
+"""`validate`: passes on a correct export, catches a corrupted one, reports, and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from pi05_export.cli import run
+from pi05_export.observation import random_observation, save_npz
+from pi05_export.tolerances import TABLE, Gate
+from pi05_export.validate import validate_artifacts
+from tests.tolerances import ONNX_FP32_ATOL
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_validate_passes_on_correct_export(tiny_model, tiny_export, tmp_path, precision):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export(precision), out)
+    report = validate_artifacts(out, model=tiny_model, steps=(10, 3))
+    assert report.status == "PASS", [(c.name, c.status, c.metrics) for c in report.checks]
+    names = [c.name for c in report.checks]
+    assert "denoise/v_t" in names and "llm/kv_cache" in names and "actions@10" in names and "actions@3" in names
+    assert len(report.drift["10"]) == 10 and len(report.drift["3"]) == 3
+    data = json.loads((out / "reports" / "validation.json").read_text())
+    assert data["status"] == "PASS" and data["environment"]["tools"]["onnxruntime"]
+    md = (out / "reports" / "validation.md").read_text()
+    assert md.startswith("# Validation: PASS") and "| actions@10 | PASS |" in md
+    png = (out / "reports" / "drift.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1100, 418)
+    assert (out / "reports" / "inputs_denoise.json").is_file()  # recorded inputs saved with the report
+
+
+def _perturb_one_weight(path, scale=1.05):
+    """Scale the largest initializer of a graph (external data rewritten in place)."""
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    arr = numpy_helper.to_array(init) * scale
+    init.CopyFrom(numpy_helper.from_array(arr.astype(arr.dtype), init.name))
+    data = path.with_name(path.name + ".data")
+    data.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=data.name)
+
+
+def test_corrupted_artifact_fails_with_exit_1(tiny_export, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export("fp32"), out)
+    _perturb_one_weight(out / "onnx" / "denoise.onnx")
+    assert run(["validate", str(out), "--steps", "3"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL denoise/v_t" in captured.err and "FAIL actions@3" in captured.err  # split path still passes
+    assert "PASS expert/suffix_hidden" in captured.err
+    assert json.loads((out / "reports" / "validation.json").read_text())["status"] == "FAIL"
+
+
+def test_missing_artifacts_name_the_command(tmp_path, capsys):
+    assert run(["validate", str(tmp_path)]) == 2
+    assert "run `pi05-export onnx` first" in capsys.readouterr().err
+
+
+def test_tensorrt_backend_without_tensorrt(tiny_export, capsys):
+    assert run(["validate", str(tiny_export("fp32")), "--backend", "tensorrt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: TensorRT") and "pip install tensorrt" in err and len(err.splitlines()) == 1
+
+
+def test_infer_backends_agree(tiny_export, tmp_path):
+    obs = random_observation(__import__("pi05_export.config", fromlist=["x"]).Pi05Config.from_name("tiny"), 2, seed=11)
+    save_npz(tmp_path / "obs.npz", obs.arrays())
+    assert run(["infer", "--preset", "tiny", "--random-init", "--inputs", str(tmp_path / "obs.npz"), "--out", str(tmp_path / "t.npz")]) == 0
+    assert run(["infer", "--backend", "onnxruntime", "--artifacts", str(tiny_export("fp32")), "--inputs", str(tmp_path / "obs.npz"),
+                "--out", str(tmp_path / "o.npz")]) == 0
+    a, b = np.load(tmp_path / "t.npz")["actions"], np.load(tmp_path / "o.npz")["actions"]
+    assert a.shape == (2, 10, 32) and np.abs(a - b).max() <= ONNX_FP32_ATOL
+
+
+def test_threshold_table_judges():
+    gate = Gate("cosine", 0.999, 0.99)
+    assert [gate.judge(v) for v in (0.9995, 0.995, 0.9, float("nan"))] == ["PASS", "WARN", "FAIL", "FAIL"]
+    assert TABLE["fp32"].actions.judge(5e-5) == "PASS" and TABLE["fp32"].actions.judge(5e-3) == "FAIL"
+    assert TABLE["mixed_fp4_fp8"].actions.passing == 0.995 and TABLE["fp8"].actions.passing == 0.999
