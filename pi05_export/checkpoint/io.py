@@ -388,27 +388,34 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
 # ---------------------------------------------------------------------------------------------
 # Random weights (tests and full-size benchmarks: nothing can be downloaded here)
 # ---------------------------------------------------------------------------------------------
-def random_model(config: Pi05Config | str, seed: int = 0) -> Any:
+def random_model(config: Pi05Config | str, seed: int = 0, *, dtype: str = "float32", device: str | torch.device = "cpu") -> Any:
     """A :class:`Pi05Model` with seeded random weights scaled so every path carries signal.
 
     Unlike openpi's init (zero adaRMS ``dense``, zero norm weights), every parameter is random, so
     the adaRMS gates, norms and time conditioning all affect the output and tests can see bugs.
+    Each parameter is drawn in fp32 and cast straight to ``dtype`` under openpi's policy, so peak
+    memory is the final model plus one fp32 tensor, and a bf16/fp16 draw equals the fp32 draw
+    rounded. The same seed gives the same weights on a given device type (CPU and CUDA differ).
     """
-    from pi05_export.model.pi05 import Pi05Model
+    from pi05_export.model.pi05 import Pi05Model, keeps_fp32
 
     cfg = Pi05Config.from_name(config) if isinstance(config, str) else config
-    gen = torch.Generator().manual_seed(seed)
-    model = Pi05Model(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and "embed" not in name:
-                fan_in = p[0].numel()
-                std = (0.3 if ".dense." in name else 1.0) / fan_in**0.5
-            elif "embed" in name:
-                std = 0.5 if "position" in name else 1.0 / p.shape[-1] ** 0.5
-            else:  # biases and norm weights
-                std = 0.1
-            p.normal_(0.0, std, generator=gen)
+    target = _torch_dtype(dtype)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = Pi05Model(cfg)
+    for name, p in list(model.named_parameters()):
+        if p.ndim >= 2 and "embed" not in name:
+            std = (0.3 if ".dense." in name else 1.0) / p[0].numel() ** 0.5
+        elif "embed" in name:
+            std = 0.5 if "position" in name else 1.0 / p.shape[-1] ** 0.5
+        else:  # biases and norm weights
+            std = 0.1
+        value = torch.empty(p.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen)
+        value = value.to(torch.float32 if keeps_fp32(name) else target)
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
     return model.eval()
 
 
@@ -436,13 +443,8 @@ def resolve_model(
     if not random_init:
         raise ConfigError("--preset/--config without a checkpoint needs --random-init", hint="add --random-init --seed S")
     cfg = Pi05Config.from_file(config) if config is not None else Pi05Config.from_name(preset or "")
-    model = random_model(cfg, seed)
-    if dtype != "float32":
-        from pi05_export.model.pi05 import apply_dtype_policy
-
-        apply_dtype_policy(model, _torch_dtype(dtype))
-    return model, {"kind": "random", "preset": preset, "config_file": str(Path(config).absolute()) if config else None,
-                   "seed": seed}
+    source = {"kind": "random", "preset": preset, "config_file": str(Path(config).absolute()) if config else None, "seed": seed}
+    return random_model(cfg, seed, dtype=dtype), source
 
 
 def reference_model(source: dict[str, Any], checkpoint: str | Path | None = None, config: str | Path | None = None) -> Any:

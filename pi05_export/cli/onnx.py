@@ -29,7 +29,9 @@ def onnx(
     from pi05_export.export import export_onnx, parse_components
 
     selected = parse_components(components)  # fail on a typo before loading anything
-    model, source = load_model(checkpoint, preset, config, random_init, seed)
+    # load straight into the export precision (a full-size fp32 copy would double peak memory)
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
+    model, source = load_model(checkpoint, preset, config, random_init, seed, dtype=dtype)
     with progress_bar("export", len(selected)) as progress:
         manifest = export_onnx(model, out, source=source, components=[c.value for c in selected],
                                precision=precision, opset=opset, progress=progress)
