@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,6 +123,10 @@ def random_jax_params(
     return out
 
 
+def _map_leaves(tree: dict, fn: Callable[[np.ndarray], Any]) -> dict:  # type: ignore[type-arg]
+    return {k: _map_leaves(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
 def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(n, start + size)
@@ -134,8 +139,14 @@ def write_orbax_checkpoint(
     value_suffix: bool = False,
     asset_id: str | None = "synthetic",
     action_dim: int = 32,
+    chunk_byte_size: int | None = None,
+    save_concurrent_gb: int | None = None,
 ) -> Path:
-    """Save ``params`` (flat '/'-paths) as ``<ckpt_dir>/params`` (item "params") plus norm-stats assets."""
+    """Save ``params`` (flat '/'-paths) as ``<ckpt_dir>/params`` (item "params") plus norm-stats assets.
+
+    ``chunk_byte_size`` caps orbax's storage chunks (training runs write one chunk per device shard);
+    ``save_concurrent_gb`` caps the bytes orbax serialises at once (full-size writes on small hosts).
+    """
     import orbax.checkpoint as ocp
 
     ckpt_dir = Path(ckpt_dir).absolute()
@@ -147,8 +158,11 @@ def write_orbax_checkpoint(
             node = node.setdefault(name, {})
         node[leaf] = {"value": arr} if value_suffix else arr
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(ckpt_dir / "params", {"params": tree})
+    item = {"params": tree}
+    save_args = {"params": _map_leaves(tree, lambda _: ocp.SaveArgs(chunk_byte_size=chunk_byte_size))}
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=save_concurrent_gb)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(ckpt_dir / "params", args=ocp.args.PyTreeSave(item, save_args=save_args))
     if asset_id is not None:
         stats = {
             name: {
