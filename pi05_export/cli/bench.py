@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,7 +19,7 @@ Dtype = enum.Enum("Dtype", {d: d for d in ("bf16", "fp16", "fp32")}, type=str)
 def bench(
     checkpoint: CheckpointArg = None,
     backend: Annotated[Backend, typer.Option("--backend", help="What runs the components.")] = Backend.torch,  # type: ignore[attr-defined]
-    artifacts: Annotated[Path | None, typer.Option("--artifacts", help="Export dir (onnxruntime/tensorrt backends).")] = None,
+    artifacts: Annotated[Optional[Path], typer.Option("--artifacts", help="Export dir (onnxruntime/tensorrt).")] = None,  # noqa: UP045
     steps: Annotated[str, typer.Option("--steps", help="Comma list of Euler step counts.")] = "1,2,3,5,10",
     batch: Annotated[int, typer.Option("--batch", min=1)] = 1,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls before timing.")] = 5,
