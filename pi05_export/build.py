@@ -45,12 +45,14 @@ MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int] | None] = {
     "bf16": (8, 0),
     "fp8": (8, 9),
     "nvfp4": (10, 0),
+    "fp4": (10, 0),  # alias: TensorRT's FP4 is NVFP4
 }
 _FORMAT_GPUS = {
     "bf16": "Ampere (sm80) or newer",
     "fp8": "Ada (sm89), Hopper (sm90), Blackwell or Jetson Thor",
     "nvfp4": "Blackwell (sm100/sm120) or Jetson Thor (sm110); Hopper and Ada have no FP4 tensor cores",
 }
+_FORMAT_GPUS["fp4"] = _FORMAT_GPUS["nvfp4"]
 
 
 # -- settings, GPU ------------------------------------------------------------------------------
@@ -405,7 +407,7 @@ def settings_dict(settings: BuildSettings, timing_cache: Path) -> dict[str, Any]
 SIDECAR_KEYS = (
     "schema_version", "pi05_export", "component", "engine", "engine_sha256", "engine_bytes", "onnx", "onnx_sha256",
     "name", "precision", "recipe", "formats", "gpu", "tensorrt", "settings", "profile", "inputs", "outputs",
-    "build_seconds", "trtexec", "layers",
+    "build_seconds", "trtexec", "trtexec_cwd", "layers",
 )
 
 
