@@ -385,7 +385,7 @@ def trtexec_command(
                  f"--maxShapes={_shape_arg(engine.profile, 2)}"]
     args.append(f"--timingCacheFile={p(timing_cache)}")
     if settings.workspace_bytes is not None:
-        args.append(f"--memPoolSize=workspace:{max(1, settings.workspace_bytes >> 20)}M")
+        args.append(f"--memPoolSize=workspace:{max(1, settings.workspace_bytes >> 20)}")  # MiB
     return " ".join(args)
 
 

@@ -219,7 +219,7 @@ def test_trtexec_line(out: Path) -> None:
     assert f"--minShapes=pixel_values:{views}x3x56x56" in args
     assert f"--maxShapes=pixel_values:{2 * views}x3x56x56" in args
     assert f"--timingCacheFile={out / 'engines' / 'timing.cache'}" in args
-    assert "--memPoolSize=workspace:8192M" in args
+    assert "--memPoolSize=workspace:8192" in args  # MiB
     assert "--stronglyTyped" in plan.trtexec(vision, tensorrt_major=10)
     assert "--stronglyTyped" not in plan.trtexec(vision, tensorrt_major=11)  # always on in 11.x
     denoise = next(e for e in plan.engines if e.component == "denoise")
