@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from pi05_export.checkpoint import Layout
-from pi05_export.cli._app import ConfigOpt, PresetOpt, app, err_console, progress_bar
+from pi05_export.cli._app import app, err_console, progress_bar
 
 
 @app.command()
@@ -19,8 +19,12 @@ def convert(
     out: Annotated[Path, typer.Option("--out", help="Output checkpoint directory (replaced atomically).")] = ...,  # type: ignore[assignment]
     precision: Annotated[str, typer.Option("--precision", help="fp32 (exact) | bf16 (openpi's keep-fp32 policy).")] = "fp32",
     layout: Annotated[Layout, typer.Option("--layout", help="Key layout of the output.")] = Layout.openpi,
-    preset: PresetOpt = None,
-    config: ConfigOpt = None,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", help="Cross-check the dims against a preset (tiny | pi05); it also sets horizon/tokens/views/steps.",
+    )] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Same as --preset, from a config file (JSON/YAML).",
+    )] = None,
     max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", help="Shard (with an index) past this size.")] = 5.0,
 ) -> None:
     """Convert a pi05 JAX checkpoint leaf by leaf (dimensions come from the checkpoint itself)."""
