@@ -71,9 +71,9 @@ def quantize_weight(w: torch.Tensor, global_amax: torch.Tensor, block: int = BLO
     dq = torch.where(dq >= MIN_SCALE, dq, torch.ones_like(dq))[..., None]
     wb = w.float().reshape(*w.shape[:-1], w.shape[-1] // block, block)
     mag = round_e2m1(wb.abs() / dq)
-    grid = torch.tensor(E2M1_VALUES)
+    grid = torch.tensor(E2M1_VALUES, device=w.device)
     code = (mag[..., None] == grid).to(torch.uint8).argmax(-1).to(torch.uint8)
-    code = code | ((wb < 0) & (mag > 0)).to(torch.uint8) << 3
+    code = code | (wb < 0).to(torch.uint8) << 3  # negative zero keeps its sign bit, as ModelOpt packs it
     code = code.reshape(w.shape)
     packed = code[..., 0::2] | (code[..., 1::2] << 4)
     # A block whose dequantized scale is under MIN_SCALE has |w| < 6e-5, so all its codes are 0.
@@ -84,7 +84,7 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., n/2] -> float32 E2M1 values [..., n]."""
     lo, hi = packed & 0x0F, packed >> 4
     codes = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).long()
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
+    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=packed.device)
     return table[codes]
 
 

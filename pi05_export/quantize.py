@@ -146,7 +146,7 @@ class QdqLinear(nn.Module):
         _register_ops()
         self.fmt = fmt
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()
+        w = linear.weight.detach().float().cpu()
         w_amax = _amax(linear.weight_quantizer, w)
         x_amax = _amax(linear.input_quantizer, None)
         if fmt == "fp8":
@@ -517,6 +517,21 @@ class QuantizeReport:
     seconds: dict[str, float]
 
 
+def action_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _sample(model: Any, observations: Sequence[Observation], steps: int | None) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    out = []
+    for obs in observations:
+        obs = obs.with_noise(model.config, seed=0)
+        t = {k: v.to(device) for k, v in obs.torch().items()}  # type: ignore[attr-defined]
+        out.append(model.sample_actions(t["images"], t["image_mask"], t["tokens"], t["token_mask"],
+                                        noise=t.get("noise"), num_steps=steps).float().cpu())
+    return out
+
+
 def _free(module: nn.Module) -> None:
     for p in module.parameters():
         p.data = torch.empty(0, dtype=p.dtype)
@@ -538,12 +553,17 @@ def quantize_model(
     steps: int | None = None,
     components: Sequence[str] | str | None = None,
     allow_unmatched: bool = False,
+    accuracy_samples: int = 2,
+    device: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> QuantizeReport:
     """Quantize ``model`` with ``recipe``, calibrate, export into ``out/<recipe.name>/`` (atomically).
 
     ``out`` is normally a ``pi05-export onnx`` output directory (its manifest is recorded as input
     and must describe the same config); any other directory is created. ``model`` is modified in place.
+    The first ``accuracy_samples`` calibration samples are sampled before and after quantization
+    (fake-quant PyTorch, same noise and steps) and their action cosine goes into the manifest.
+    Calibration runs on ``device`` (default: CUDA when present, where NVFP4 uses ModelOpt's kernels).
     """
     from pi05_export.model.pi05 import apply_dtype_policy
 
@@ -570,10 +590,17 @@ def quantize_model(
                               hint="use base: fp32 (the Q/DQ graphs carry the precision)")
         if not calibration:
             raise ConfigError("quantized recipes need calibration samples", hint="pass --calibration DIR or leave it out for the built-in set")
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check = list(calibration[:accuracy_samples])
+        reference = _sample(model, check, steps)
         start = time.perf_counter()
         insert_quantizers(model, resolved, calibration_loop(calibration, steps, progress))
         seconds["calibrate"] = round(time.perf_counter() - start, 2)
         coverage = measure_coverage(model, resolved)
+        if check:
+            got = _sample(model, check, steps)
+            extra["fake_quant_action_cosine"] = [round(action_cosine(r, g), 6) for r, g in zip(reference, got, strict=True)]
+            log.info("fake-quant action cosine vs unquantized: %s", extra["fake_quant_action_cosine"])
         extra["uncalibrated_layers"] = uncalibrated_layers(model, resolved)
         log.info("calibrated on %d sample(s) x %s steps in %.1fs", len(calibration), steps or model.config.num_steps, seconds["calibrate"])
         lower_quantized(model, resolved)

@@ -31,6 +31,7 @@ def quantize(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps per calibration sample (default: config).")] = None,
     components: Annotated[str | None, typer.Option("--components", help="Comma list: vision,llm,expert,projections,denoise.")] = None,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Warn instead of failing on rules matching nothing.")] = False,
+    accuracy_samples: Annotated[int, typer.Option("--accuracy-samples", min=0, help="Samples to re-run fake-quantized for the action cosine.")] = 2,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     random_init: RandomInitOpt = False,
@@ -40,20 +41,24 @@ def quantize(
     from pi05_export.calibration import load_calibration_set
     from pi05_export.export import parse_components
     from pi05_export.quantize import quantize_model
-    from pi05_export.recipe import load_recipe
+    from pi05_export.recipe import load_recipe, resolve_recipe
 
     rec = load_recipe(recipe)  # fail on a bad recipe before loading anything
     selected = parse_components(components)
     model, source = load_model(checkpoint, preset, config, random_init, seed)
+    resolve_recipe(rec, model, allow_unmatched=allow_unmatched)  # recipe errors before any progress output
     obs, info = load_calibration_set(calibration, model.config, samples) if rec.quantizes else ([], {})
     with progress_bar(f"quantize {rec.name}", len(selected)) as progress:
         report = quantize_model(model, rec, out, source=source, calibration=obs, calibration_info=info, steps=steps,
-                                components=[c.value for c in selected], allow_unmatched=allow_unmatched, progress=progress)
+                                components=[c.value for c in selected], allow_unmatched=allow_unmatched,
+                                accuracy_samples=accuracy_samples, progress=progress)
     extra = report.manifest.extra
     for comp, counts in report.coverage.items():
         err_console.print(f"  coverage {comp:<12} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
     for name, entry in report.manifest.components.items():
         err_console.print(f"  {name:<12} {entry['bytes'] / 1e6:9.1f} MB  {report.seconds.get(name, 0):6.1f}s  {entry['path']}")
+    if extra.get("fake_quant_action_cosine"):
+        err_console.print(f"  fake-quant action cosine vs unquantized: {extra['fake_quant_action_cosine']}")
     gate = f"needs sm{extra['min_compute_capability'].replace('.', '')}+" if extra["min_compute_capability"] else "any GPU"
     err_console.print(f"wrote {report.out_dir}/manifest.json ({rec.name}: {', '.join(extra['formats']) or rec.base}; {gate})")
 
