@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 OUT ?= out/tiny
 
-.PHONY: install test test-gpu lint typecheck demo validate-tiny ci-validate bench-export clean
+.PHONY: install test test-gpu lint typecheck demo ci-validate bench-export bench-convert clean
 
 install:  ## venv with the CPU torch build, the package, and every extra the tests use
 	test -x $(PY) || python3 -m venv .venv
@@ -21,8 +21,12 @@ test-gpu:  ## everything, on a machine with CUDA and TensorRT
 lint:
 	.venv/bin/ruff check pi05_export tests benchmarks
 
-typecheck:  ## the TensorRT-touching module against the TensorRT 10.13 API stubs (JetPack 7)
-	.venv/bin/mypy pi05_export/trt.py
+typecheck:  ## pi05_export/trt.py against tensorrt-stubs 10.13 (JetPack 7's TensorRT API), stubs repaired in a temp dir
+	@SP=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); D=$$(mktemp -d); \
+	cp -r "$$SP/tensorrt" "$$SP/tensorrt_bindings" "$$D/" && \
+	sed -i -E 's/([(,] )in: /\1in_: /g; s/, channel_axis: int\) -> IScaleLayer/, channel_axis: int = ...) -> IScaleLayer/' "$$D/tensorrt_bindings/tensorrt.pyi" && \
+	printf '[mypy]\nstrict = True\nfollow_imports = silent\nfollow_imports_for_stubs = True\nmypy_path = %s\n[mypy-polygraphy.*]\nignore_missing_imports = True\n' "$$D" > "$$D/mypy.ini" && \
+	.venv/bin/mypy --config-file "$$D/mypy.ini" pi05_export/trt.py; rc=$$?; rm -rf "$$D"; exit $$rc
 
 demo:  ## the main job on the embedded tiny preset: export -> validate (ONNX Runtime)
 	.venv/bin/pi05-export onnx --preset tiny --random-init --out $(OUT)
@@ -35,7 +39,10 @@ ci-validate:  ## the CI engine-validation job on tiny: fp32 and fp16 graphs on O
 	.venv/bin/pi05-export validate out/ci-fp16
 
 bench-export:  ## full-size export of all components: wall time and peak RSS per component
-	$(PY) benchmarks/bench_export.py --precision fp16
+	/usr/bin/time -v $(PY) benchmarks/bench_export.py --precision fp16
+
+bench-convert:  ## full-size orbax -> safetensors conversion: peak RSS and time (~25 GB disk in /tmp, ~4 min)
+	$(PY) benchmarks/bench_convert.py --workdir /tmp/pi05_bench_convert
 
 clean:
 	rm -rf out .pytest_cache

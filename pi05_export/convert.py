@@ -39,9 +39,9 @@ from pi05_export.checkpoint.io import (
     INDEX_NAME,
     LEROBOT_PREFIX,
     LM_HEAD_KEY,
-    OUR_CONFIG_KEY,
     WEIGHTS_NAME,
     Layout,
+    checkpoint_config_json,
 )
 from pi05_export.config import PRESETS, GemmaConfig, Pi05Config, SiglipConfig
 from pi05_export.errors import CheckpointError, ConfigError, DependencyError
@@ -508,26 +508,6 @@ class _SafetensorsStream:
 
 
 # -- conversion --------------------------------------------------------------------------------------
-def _config_json(cfg: Pi05Config, layout: Layout, precision: str) -> dict[str, Any]:
-    """The same config.json as :func:`pi05_export.checkpoint.save_checkpoint` writes."""
-    if layout is Layout.openpi:
-        data: dict[str, Any] = {
-            "action_dim": cfg.action_dim, "action_horizon": cfg.action_horizon,
-            "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
-            "precision": "float32" if precision == "fp32" else "bfloat16",
-        }
-    else:
-        data = {
-            "type": "pi05", "chunk_size": cfg.action_horizon, "n_action_steps": cfg.action_horizon,
-            "max_action_dim": cfg.action_dim, "max_state_dim": cfg.action_dim,
-            "tokenizer_max_length": cfg.max_token_len, "num_inference_steps": cfg.num_steps,
-            "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
-            "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
-        }
-    data[OUR_CONFIG_KEY] = cfg.to_dict()
-    return data
-
-
 def _target_dtype(key: str, precision: str) -> torch.dtype:
     from pi05_export.model.pi05 import keeps_fp32
 
@@ -674,7 +654,7 @@ def convert_checkpoint(
             if progress is not None:
                 progress(EXPERT_LM_HEAD_KEY, done, len(plan))
         files = writer.close()
-        (tmp / CONFIG_NAME).write_text(json.dumps(_config_json(cfg, layout, precision), indent=2, sort_keys=True))
+        (tmp / CONFIG_NAME).write_text(json.dumps(checkpoint_config_json(cfg, layout, precision), indent=2, sort_keys=True))
         if src.assets_dir is not None:
             shutil.copytree(src.assets_dir, tmp / "assets")
         manifest = Manifest(

@@ -28,7 +28,7 @@ from pi05_export.errors import ArtifactError
 from pi05_export.metrics import compare
 from pi05_export.observation import Observation, load_observation, random_observation
 from pi05_export.runtime import Pipeline, open_pipeline, pipeline_for_model
-from pi05_export.runtime.backends import TorchBackend, to_spec
+from pi05_export.runtime.backends import Backend, to_spec
 from pi05_export.tolerances import Status, thresholds_for, worst
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,15 @@ class Report:
         return {**asdict(self), "status": self.status}
 
 
-def _polygraphy_torch_runner(backend: TorchBackend, component: Component, artifact_spec: ComponentSpec) -> Any:
-    """A Polygraphy runner over the PyTorch reference (Polygraphy's own breaks on bf16)."""
+def _polygraphy_runner(backend: Backend, component: Component, artifact_spec: ComponentSpec) -> Any:
+    """A Polygraphy runner over one of our backends: the PyTorch reference (Polygraphy's own torch
+    runner breaks on bf16), or TensorRT engines through EngineRunner (bf16-safe casts)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
     class TorchRunner(BaseRunner):
         def __init__(self) -> None:
-            super().__init__(name=f"pytorch-{component.value}")
+            super().__init__(name=f"{backend.name}-{component.value}")
 
         def activate_impl(self) -> None:
             pass
@@ -99,7 +100,7 @@ def _artifact_runner(pipeline: Pipeline, component: Component) -> Any:
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
         return OnnxrtRunner(backend._session(component), name=f"onnxruntime-{component.value}")  # type: ignore[attr-defined]
-    return backend.make_runner(component)  # type: ignore[attr-defined]  # TensorRT: a fresh TrtRunner
+    return _polygraphy_runner(backend, component, pipeline.specs[component])
 
 
 def record_component_inputs(reference: Pipeline, obs: Observation, steps: int, seed: int) -> dict[Component, list[dict[str, np.ndarray]]]:
@@ -187,7 +188,7 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
                 progress(comp.value, i, total)
             spec = target.specs[comp]
             loader = [OrderedDict((t.name, to_spec(f[t.name], t)) for t in spec.inputs) for f in feeds[comp]]
-            runners = [_polygraphy_torch_runner(reference.backend, comp, spec), _artifact_runner(target, comp)]
+            runners = [_polygraphy_runner(reference.backend, comp, spec), _artifact_runner(target, comp)]
             results = Comparator.run(runners, data_loader=loader, save_inputs_path=str(tmp / f"inputs_{comp.value}.json"))
             results.save(str(tmp / f"outputs_{comp.value}.json"))
             (ref_name, ref_iters), (_, art_iters) = results.items()

@@ -26,8 +26,7 @@ pytest.importorskip("orbax.checkpoint", reason="needs the [jax] extra (orbax-che
 from pi05_export.testing.orbax_ckpt import random_jax_params, write_orbax_checkpoint  # noqa: E402
 
 # fp32 numpy einsum (JAX layout) vs the converted torch Linear/Conv: only summation order differs.
-EINSUM_ATOL = 2e-5
-EINSUM_RTOL = 1e-5
+from tests.tolerances import EINSUM_ATOL, EINSUM_RTOL
 
 TINY = Pi05Config.from_name("tiny")
 VIS = "paligemma_with_expert.paligemma.model.vision_tower.vision_model"

@@ -7,3 +7,6 @@ ONNX_FP32_ATOL = 1e-4
 ONNX_FP32_RTOL = 1e-4
 # fp16/bf16 typed graphs vs the fp32 PyTorch reference: cosine per output.
 TYPED_MIN_COSINE = {"fp16": 0.9999, "bf16": 0.9999}
+# Converted weights applied as PyTorch Linear/Conv vs numpy evaluation of the JAX einsums (fp32).
+EINSUM_ATOL = 2e-5
+EINSUM_RTOL = 1e-5

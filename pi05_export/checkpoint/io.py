@@ -330,28 +330,10 @@ def save_checkpoint(
         if expert_lm_head:
             ref = state[LM_HEAD_KEY]
             state[EXPERT_LM_HEAD_KEY] = torch.zeros(cfg.llm.vocab_size, cfg.expert.width, dtype=ref.dtype)
-        config_json: dict[str, Any] = {
-            "action_dim": cfg.action_dim,
-            "action_horizon": cfg.action_horizon,
-            "paligemma_variant": "gemma_2b",
-            "action_expert_variant": "gemma_300m",
-            "precision": str(next(iter(state.values())).dtype).removeprefix("torch."),
-        }
     else:
         state = {LEROBOT_PREFIX + k: v for k, v in state.items()}
-        config_json = {
-            "type": "pi05",
-            "chunk_size": cfg.action_horizon,
-            "n_action_steps": cfg.action_horizon,
-            "max_action_dim": cfg.action_dim,
-            "max_state_dim": cfg.action_dim,
-            "tokenizer_max_length": cfg.max_token_len,
-            "num_inference_steps": cfg.num_steps,
-            "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
-            "paligemma_variant": "gemma_2b",
-            "action_expert_variant": "gemma_300m",
-        }
-    config_json[OUR_CONFIG_KEY] = cfg.to_dict()
+    big = state[LM_HEAD_KEY if layout is Layout.openpi else LEROBOT_PREFIX + EMBED_KEY].dtype  # a policy-cast tensor
+    config_json = checkpoint_config_json(cfg, layout, "fp32" if big == torch.float32 else "bf16")
 
     shards = _shard(state, max_shard_bytes)
     with staging_dir(out_dir) as tmp:
@@ -368,6 +350,28 @@ def save_checkpoint(
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True))
     return Path(out_dir)
+
+
+def checkpoint_config_json(cfg: Pi05Config, layout: Layout | str, precision: str) -> dict[str, Any]:
+    """``config.json`` for a checkpoint directory: openpi-converter or lerobot fields, plus our
+    explicit-dimensions block (which openpi and lerobot ignore) so any size loads back."""
+    layout = Layout(layout)
+    if layout is Layout.openpi:
+        data: dict[str, Any] = {
+            "action_dim": cfg.action_dim, "action_horizon": cfg.action_horizon,
+            "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
+            "precision": "float32" if precision == "fp32" else "bfloat16",
+        }
+    else:
+        data = {
+            "type": "pi05", "chunk_size": cfg.action_horizon, "n_action_steps": cfg.action_horizon,
+            "max_action_dim": cfg.action_dim, "max_state_dim": cfg.action_dim,
+            "tokenizer_max_length": cfg.max_token_len, "num_inference_steps": cfg.num_steps,
+            "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
+            "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
+        }
+    data[OUR_CONFIG_KEY] = cfg.to_dict()
+    return data
 
 
 def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

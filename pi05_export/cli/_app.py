@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -39,10 +39,10 @@ def _callback(
 
 # Options shared by every command that needs a model (one definition, one helper).
 CheckpointArg = Annotated[
-    Optional[Path], typer.Argument(help="Checkpoint dir or model.safetensors (openpi or lerobot layout).", show_default=False)
+    Path | None, typer.Argument(help="Checkpoint dir or model.safetensors (openpi or lerobot layout).", show_default=False)
 ]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset instead of a checkpoint: tiny | pi05.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Config file (JSON/YAML) with explicit dimensions.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Preset instead of a checkpoint: tiny | pi05.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Config file (JSON/YAML) with explicit dimensions.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Seeded random weights (with --preset/--config).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights / noise.")]
 
@@ -68,7 +68,7 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[str, int, i
 
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=False,
+        console=err_console, transient=True,
     ) as prog:
         task = prog.add_task(description, total=total)
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from pi05_export.cli._app import CheckpointArg, ConfigOpt, PresetOpt, RandomInitOpt, SeedOpt, app, err_console, load_model
+from pi05_export.cli._app import (
+    CheckpointArg,
+    ConfigOpt,
+    PresetOpt,
+    RandomInitOpt,
+    SeedOpt,
+    app,
+    err_console,
+    load_model,
+)
 
 
 @app.command()
@@ -17,8 +26,8 @@ def infer(
     out: Annotated[Path, typer.Option("--out", help="Where to write actions .npz.")] = ...,  # type: ignore[assignment]
     steps: Annotated[int, typer.Option("--steps", min=1, help="Euler steps.")] = 10,
     backend: Annotated[str, typer.Option("--backend", help="torch | onnxruntime | tensorrt")] = "torch",
-    artifacts: Annotated[Optional[Path], typer.Option("--artifacts", help="Export dir for onnxruntime/tensorrt.")] = None,
-    engines: Annotated[Optional[str], typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")] = None,
+    artifacts: Annotated[Path | None, typer.Option("--artifacts", help="Export dir for onnxruntime/tensorrt.")] = None,
+    engines: Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     random_init: RandomInitOpt = False,

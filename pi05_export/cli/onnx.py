@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from pi05_export.cli._app import (
-    CheckpointArg, ConfigOpt, PresetOpt, RandomInitOpt, SeedOpt, app, err_console, load_model, out_console, progress_bar,
+    CheckpointArg,
+    ConfigOpt,
+    PresetOpt,
+    RandomInitOpt,
+    SeedOpt,
+    app,
+    err_console,
+    load_model,
+    out_console,
+    progress_bar,
 )
 from pi05_export.export import DEFAULT_OPSET
 
@@ -17,7 +26,7 @@ from pi05_export.export import DEFAULT_OPSET
 def onnx(
     checkpoint: CheckpointArg = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory (replaced atomically).")] = ...,  # type: ignore[assignment]
-    components: Annotated[Optional[str], typer.Option("--components", help="Comma list: vision,llm,expert,projections,denoise.")] = None,
+    components: Annotated[str | None, typer.Option("--components", help="Comma list: vision,llm,expert,projections,denoise.")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 (typed graphs for strong typing).")] = "fp32",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (19 parses on TensorRT 10.13 and 11.x).")] = DEFAULT_OPSET,
     preset: PresetOpt = None,

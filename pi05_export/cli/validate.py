@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,9 +25,9 @@ def validate(
     artifacts: Annotated[Path, typer.Argument(help="Directory written by `pi05-export onnx` or `quantize`.")],
     backend: Annotated[str, typer.Option("--backend", help="onnxruntime | tensorrt")] = "onnxruntime",
     steps: Annotated[str, typer.Option("--steps", help="End-to-end step counts, comma list.")] = "10,3",
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Observation .npz (default: seeded random).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Reference checkpoint (default: manifest source).")] = None,
-    engines: Annotated[Optional[str], typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help="Observation .npz (default: seeded random).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Reference checkpoint (default: manifest source).")] = None,
+    engines: Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch of the random observation.")] = 2,
     config: ConfigOpt = None,
     seed: SeedOpt = 0,

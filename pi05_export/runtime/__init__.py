@@ -108,7 +108,12 @@ def pipeline_for_model(model: Any, compute_dtype: str = "float32") -> Pipeline:
 
 
 def _artifact_graphs(artifacts: Path, manifest: Manifest) -> dict[Component, Path]:
-    return {Component(n): manifest.component_path(artifacts, n) for n in manifest.components}
+    graphs = {Component(n): manifest.component_path(artifacts, n) for n in manifest.components}
+    if manifest.stage == "quantize":  # FP4 graphs: ONNX Runtime runs their emulation copy
+        from pi05_export.quantize import runnable_onnx
+
+        graphs = {c: runnable_onnx(p) for c, p in graphs.items()}
+    return graphs
 
 
 def open_pipeline(

@@ -138,7 +138,8 @@ def require_tensorrt() -> str:
 
 
 class TensorRTBackend:
-    """Engines run through Polygraphy's TrtRunner (one runner per component, activated lazily)."""
+    """Engines run through :class:`pi05_export.trt.EngineRunner` (Polygraphy's TrtRunner underneath),
+    which casts the float32 carriers to the engine's input dtypes (bf16 included)."""
 
     name = "tensorrt"
 
@@ -147,20 +148,22 @@ class TensorRTBackend:
         self.engines, self.specs = engines, specs
         self._runners: dict[Component, Any] = {}
 
-    def make_runner(self, component: Component) -> Any:
-        """A fresh (inactive) Polygraphy TrtRunner for one engine."""
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    def _runner(self, component: Component) -> Any:
+        if component not in self._runners:
+            from pi05_export.trt import EngineRunner
 
-        path = self.engines.get(component)
-        if path is None:
-            raise ArtifactError(f"no {component.value} engine", hint=f"build it: pi05-export build OUT --components {component.value}")
-        return TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=f"tensorrt-{component.value}")
+            path = self.engines.get(component)
+            if path is None:
+                raise ArtifactError(f"no {component.value} engine", hint=f"build it: pi05-export build OUT --components {component.value}")
+            self._runners[component] = EngineRunner(path).__enter__()
+        return self._runners[component]
 
     def run(self, component: Component, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]
-        if component not in self._runners:
-            self._runners[component] = self.make_runner(component)
-            self._runners[component].activate()
-        out = self._runners[component].infer({t.name: to_spec(feed[t.name], t) for t in spec.inputs})
+        out = self._runner(component).infer({t.name: to_spec(feed[t.name], t) for t in spec.inputs})
         return {t.name: np.asarray(out[t.name]) for t in spec.outputs}
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.__exit__(None, None, None)
+        self._runners.clear()
