@@ -110,3 +110,17 @@ def test_onnx_command_passes_options(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert seen["components"] == ["llm", "denoise"] and seen["precision"] == "bf16" and seen["opset"] == 21
     assert seen["source"] == {"kind": "random", "preset": "tiny", "config_file": None, "seed": 3}
+
+
+def test_corrupt_checkpoint_and_bad_config_via_cli(tiny_model, tmp_path, capsys):
+    save_checkpoint(tiny_model, tmp_path / "ck", "openpi")
+    bad_cfg = tmp_path / "cfg.yaml"
+    bad_cfg.write_text("vision: {width: 30, num_heads: 4}\n")
+    assert run(["info", str(tmp_path / "ck"), "--config", str(bad_cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vision.width 30 is not divisible by vision.num_heads 4" in err and len(err.splitlines()) == 1
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert run(["info", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a readable safetensors file" in err and "truncated or corrupt" in err and len(err.splitlines()) == 1
