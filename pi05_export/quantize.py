@@ -517,6 +517,13 @@ class QuantizeReport:
     seconds: dict[str, float]
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 def action_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
@@ -582,6 +589,7 @@ def quantize_model(
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.base]
     apply_dtype_policy(model, dtype)
     seconds: dict[str, float] = {}
+    rss: dict[str, float] = {"load": peak_rss_gib()}  # cumulative peak RSS (GiB) after each stage
     coverage = resolved.coverage()
     extra: dict[str, Any] = {}
     if quantized:
@@ -596,6 +604,7 @@ def quantize_model(
         start = time.perf_counter()
         insert_quantizers(model, resolved, calibration_loop(calibration, steps, progress))
         seconds["calibrate"] = round(time.perf_counter() - start, 2)
+        rss["calibrate"] = peak_rss_gib()
         coverage = measure_coverage(model, resolved)
         if check:
             got = _sample(model, check, steps)
@@ -634,10 +643,12 @@ def quantize_model(
                 entry = export_component(model, comp, path, compute_dtype=compute, opset=opset)
             manifest.components[comp.value] = entry
             seconds[comp.value] = round(time.perf_counter() - start, 2)
+            rss[comp.value] = peak_rss_gib()
             log.info("  %s: %.1f MB in %.1fs", comp.value, entry["bytes"] / 1e6, seconds[comp.value])
             done.add(comp)
             _free_unneeded(model, done, selected)
         extra["seconds"] = seconds
+        extra["peak_rss_gib"] = rss
         manifest.extra = extra
         if progress:
             progress("done", len(selected), len(selected))
