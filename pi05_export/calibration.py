@@ -112,7 +112,8 @@ def write_calibration_set(observations: Sequence[Observation], out_dir: str | Pa
     """Write one ``calib_NNNN.npz`` per sample (batch split) and ``calibration.json``, atomically."""
     from pi05_export.artifacts import atomic_write, staging_dir
 
-    samples = [Observation(*(None if a is None else a[i : i + 1] for a in (o.images, o.image_mask, o.tokens, o.token_mask, o.noise)))
+    samples = [Observation(o.images[i : i + 1], o.image_mask[i : i + 1], o.tokens[i : i + 1], o.token_mask[i : i + 1],
+                           None if o.noise is None else o.noise[i : i + 1])
                for o in observations for i in range(o.batch)]
     if not samples:
         raise InputError("no calibration samples given", hint="pass at least one observation .npz")
@@ -121,7 +122,7 @@ def write_calibration_set(observations: Sequence[Observation], out_dir: str | Pa
             import io
 
             buf = io.BytesIO()
-            np.savez_compressed(buf, **s.arrays())
+            np.savez_compressed(buf, **s.arrays())  # type: ignore[arg-type]
             atomic_write(tmp / f"calib_{i:04d}.npz", buf.getvalue())
         atomic_write(tmp / META_NAME, json.dumps(_meta(cfg, meta.pop("kind", "recorded"), len(samples), meta), indent=2, sort_keys=True))
     return Path(out_dir)

@@ -25,6 +25,7 @@ import functools
 import gc
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def _translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
 class QdqLinear(nn.Module):
     """A calibrated quantized Linear in its deployable form: low-precision weight buffers + activation scale."""
 
-    def __init__(self, linear: nn.Module, fmt: str) -> None:
+    def __init__(self, linear: Any, fmt: str) -> None:
         super().__init__()
         _register_ops()
         self.fmt = fmt
@@ -197,10 +198,8 @@ def calibration_loop(observations: Sequence[Observation], steps: int | None, pro
         for i, obs in enumerate(observations):
             if progress:
                 progress("calibrate", i, len(observations))
-            t = obs.torch()
-            noise = t.get("noise")
-            model.sample_actions(t["images"].to(device), t["image_mask"].to(device), t["tokens"].to(device),
-                                 t["token_mask"].to(device), noise=None if noise is None else noise.to(device), num_steps=steps)
+            t: dict[str, Any] = {k: v.to(device) for k, v in obs.torch().items()}  # type: ignore[attr-defined]
+            model.sample_actions(t["images"], t["image_mask"], t["tokens"], t["token_mask"], noise=t.get("noise"), num_steps=steps)
 
     return loop
 
@@ -215,20 +214,9 @@ def insert_quantizers(model: Any, resolved: ResolvedRecipe, forward_loop: Callab
         backend = nvfp4.register_emulation_backend()
         log.info("no CUDA: NVFP4 quantizers use the project's emulation (%s)", backend)
     cfg = modelopt_config(resolved, nvfp4_backend=backend, defaults_last=defaults_last)
-    with _quiet_modelopt():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ModelOpt's deprecation/compat chatter
         return mtq.quantize(model, cfg, forward_loop)
-
-
-class _quiet_modelopt:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc: object) -> None:
-        self._w.__exit__(*exc)
 
 
 def quantized_format(module: nn.Module) -> str | None:
@@ -308,6 +296,7 @@ def export_quantized_component(model: Any, component: Component, path: Path, *, 
             dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, optimize=False, verbose=False,
             custom_translation_table=_translation_table(opset),
         )
+        assert prog is not None  # dynamo export without a path returns the program
         keep = {"QuantizeLinear", "DequantizeLinear", "NvFp4QDQ", "NvFp4Weight"}
         onnxscript.optimizer.optimize_ir(prog.model, should_fold=lambda node: False if node.op_type in keep else None)
         prog.save(str(path), external_data=True)

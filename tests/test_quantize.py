@@ -147,3 +147,25 @@ def test_nvfp4_weight_packing_bit_exact_with_modelopt_qtensor():
 def test_e2m1_rounding_is_nearest_ties_to_even():
     m = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.26, 1.9, 7.0])
     assert nvfp4.round_e2m1(m).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.5, 2.0, 6.0]
+
+
+def test_calibration_build_from_recorded_observations(tmp_path, capsys):
+    from pi05_export.cli import run
+    from pi05_export.config import Pi05Config
+    from pi05_export.observation import random_observation, save_npz
+
+    cfg = Pi05Config.from_name("tiny")
+    save_npz(tmp_path / "obs.npz", random_observation(cfg, batch=3, seed=1).arrays())
+    assert run(["calibration-build", str(tmp_path / "obs.npz"), "--preset", "tiny", "--out", str(tmp_path / "cal")]) == 0
+    obs, info = load_calibration_set(tmp_path / "cal", cfg)
+    assert len(obs) == 3 and info["kind"] == "recorded" and obs[2].batch == 1
+    import dataclasses
+    import json
+
+    other = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=28))
+    (tmp_path / "cfg.json").write_text(json.dumps(other.to_dict()))
+    capsys.readouterr()
+    assert run(["quantize", "--config", str(tmp_path / "cfg.json"), "--random-init", "--recipe", "fp8", "--out", str(tmp_path / "o"),
+                "--calibration", str(tmp_path / "cal"), "--components", "projections"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "built for image size 56" in err and len(err.splitlines()) == 1
