@@ -25,6 +25,7 @@ It is arithmetic on the measured medians, not a measurement.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -266,7 +267,7 @@ def component_costs(cfg: Pi05Config, batch: int = 1, dtype: str = "bf16") -> dic
             model.denoise_step(inp["noise"], torch.ones(batch, device="meta"), kv, pm)
         flops["denoise"] = fc.get_total_flops()
     kv_bytes = kv.numel() * kv.element_size()
-    embed = model.llm.embed_tokens.weight
+    embed = model.llm.embed_tokens.weight  # type: ignore[union-attr]
     extra = {"vision": inp["pixel_values"].numel() * 4,
              "llm": kv_bytes + batch * cfg.max_token_len * embed.shape[1] * embed.element_size(),
              "denoise": kv_bytes}
@@ -631,7 +632,7 @@ def _measure(stages: _Stages, inp: dict[str, Any], grids: dict[int, list[Any]], 
     out["e2e"] = {}
     for n, grid in grids.items():
         log.info("timing end to end, %d steps", n)
-        out["e2e"][n] = summarize(_time_calls(lambda grid=grid: sample_with(stages, inp, grid), warmup=warmup,
+        out["e2e"][n] = summarize(_time_calls(functools.partial(sample_with, stages, inp, grid), warmup=warmup,
                                               iters=iters, cuda=cuda))
     return out
 

@@ -10,21 +10,32 @@ import typer
 
 from pi05_export.cli._app import CheckpointArg, ConfigOpt, PresetOpt, RandomInitOpt, SeedOpt, app, status
 
-Backend = enum.Enum("Backend", {b.replace("-", "_"): b for b in (
-    "torch", "torch-compile", "torch-cudagraph", "torch-compile-cudagraph", "onnxruntime", "tensorrt")}, type=str)
-Dtype = enum.Enum("Dtype", {d: d for d in ("bf16", "fp16", "fp32")}, type=str)
+
+class Backend(str, enum.Enum):
+    torch = "torch"
+    torch_compile = "torch-compile"
+    torch_cudagraph = "torch-cudagraph"
+    torch_compile_cudagraph = "torch-compile-cudagraph"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class Dtype(str, enum.Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
 
 
 @app.command()
 def bench(
     checkpoint: CheckpointArg = None,
-    backend: Annotated[Backend, typer.Option("--backend", help="What runs the components.")] = Backend.torch,  # type: ignore[attr-defined]
+    backend: Annotated[Backend, typer.Option("--backend", help="What runs the components.")] = Backend.torch,
     artifacts: Annotated[Optional[Path], typer.Option("--artifacts", help="Export dir (onnxruntime/tensorrt).")] = None,  # noqa: UP045
     steps: Annotated[str, typer.Option("--steps", help="Comma list of Euler step counts.")] = "1,2,3,5,10",
     batch: Annotated[int, typer.Option("--batch", min=1)] = 1,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls before timing.")] = 5,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Timed calls per measurement.")] = 30,
-    dtype: Annotated[Dtype, typer.Option("--dtype", help="Compute dtype (openpi policy keeps norms/projections fp32).")] = Dtype.bf16,  # type: ignore[attr-defined]
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Compute dtype (openpi policy keeps norms/projections fp32).")] = Dtype.bf16,
     device: Annotated[str, typer.Option("--device", help="cuda | cpu")] = "cuda",
     preset: PresetOpt = None,
     config: ConfigOpt = None,
