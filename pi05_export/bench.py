@@ -163,14 +163,15 @@ def load_bench_model(
     second there instead of minutes on the host), with the scaling rule of
     :func:`pi05_export.checkpoint.random_model`; the values differ from the host draw of the same seed.
     """
-    from pi05_export.checkpoint import resolve_model
+    from pi05_export.checkpoint import random_model, resolve_model
+    from pi05_export.components import dtype_name
     from pi05_export.model.pi05 import apply_dtype_policy
 
     torch_dtype = _torch_dtype(dtype)
     dev = resolve_device(device)
     if checkpoint is None and random_init and (preset or config) and dev.type == "cuda":
         cfg = Pi05Config.from_file(config) if config is not None else Pi05Config.from_name(preset or "")
-        model = _random_model_on_device(cfg, seed, dev)
+        model = random_model(cfg, seed, dtype=dtype_name(torch_dtype), device=dev)
         source = {"kind": "random", "preset": preset, "config_file": str(config) if config else None,
                   "seed": seed, "drawn_on": "cuda"}
     else:
@@ -178,25 +179,6 @@ def load_bench_model(
                                       dtype=dtype)
     apply_dtype_policy(model, torch_dtype)
     return model.to(dev).eval(), source
-
-
-def _random_model_on_device(cfg: Pi05Config, seed: int, device: torch.device) -> Any:
-    from pi05_export.model.pi05 import Pi05Model
-
-    with torch.device("meta"):
-        model = Pi05Model(cfg)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # same scaling rule as checkpoint.random_model
-            if p.ndim >= 2 and "embed" not in name:
-                std = (0.3 if ".dense." in name else 1.0) / p[0].numel() ** 0.5
-            elif "embed" in name:
-                std = 0.5 if "position" in name else 1.0 / p.shape[-1] ** 0.5
-            else:
-                std = 0.1
-            p.normal_(0.0, std, generator=gen)
-    return model.eval()
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
