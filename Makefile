@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 OUT ?= out/tiny
 
-.PHONY: install test test-gpu lint typecheck demo ci-validate bench-export bench-convert clean
+.PHONY: install test test-gpu lint typecheck demo ci-validate bench-export bench-convert bench-tiny bench-gpu clean
 
 install:  ## venv with the CPU torch build, the package, and every extra the tests use
 	test -x $(PY) || python3 -m venv .venv
@@ -43,6 +43,12 @@ bench-export:  ## full-size export of all components: wall time and peak RSS per
 
 bench-convert:  ## full-size orbax -> safetensors conversion: peak RSS and time (~25 GB disk in /tmp, ~4 min)
 	$(PY) benchmarks/bench_convert.py --workdir /tmp/pi05_bench_convert
+
+bench-tiny:  ## bench machinery on the CPU
+	.venv/bin/pi05-export bench --preset tiny --random-init --device cpu --dtype fp32 --steps 1,3,10
+
+bench-gpu:  ## full-size PyTorch backends on one GPU; JSON lines in out/bench/results.jsonl
+	OUT=out/bench benchmarks/h200_bench.sh
 
 clean:
 	rm -rf out .pytest_cache
