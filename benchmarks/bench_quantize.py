@@ -56,7 +56,7 @@ def main() -> None:
         result["stderr_tail"] = proc.stderr[-2000:]
     print(f"quantize --recipe {args.recipe} --preset {args.preset}: rc={proc.returncode} wall {wall:.0f}s "
           f"peak RSS {result['peak_rss_gib']} GiB", file=sys.stderr)
-    order = ["calibrate", "vision", "llm", "expert", "projections", "denoise"]
+    order = ["reference_actions", "calibrate", "fake_quant_actions", "lower", "vision", "llm", "expert", "projections", "denoise"]
     stages = result.get("stage_seconds") or {}
     for stage, secs in sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         rss = (result.get("stage_peak_rss_gib") or {}).get(stage)

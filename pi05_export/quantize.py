@@ -589,20 +589,26 @@ def quantize_model(
             raise ConfigError("quantized recipes need calibration samples", hint="pass --calibration DIR or leave it out for the built-in set")
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         check = list(calibration[:accuracy_samples])
+        start = time.perf_counter()
         reference = _sample(model, check, steps)
+        seconds["reference_actions"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         insert_quantizers(model, resolved, calibration_loop(calibration, steps, progress))
         seconds["calibrate"] = round(time.perf_counter() - start, 2)
         rss["calibrate"] = peak_rss_gib()
         coverage = measure_coverage(model, resolved)
         if check:
+            start = time.perf_counter()
             got = _sample(model, check, steps)
+            seconds["fake_quant_actions"] = round(time.perf_counter() - start, 2)
             extra["fake_quant_action_cosine"] = [round(action_cosine(r, g), 6) for r, g in zip(reference, got, strict=True)]
             log.info("fake-quant action cosine vs unquantized: %s", extra["fake_quant_action_cosine"])
         extra["uncalibrated_layers"] = uncalibrated_layers(model, resolved)
         log.info("calibrated on %d sample(s) x %s steps in %.1fs", len(calibration), steps or model.config.num_steps, seconds["calibrate"])
+        start = time.perf_counter()
         lower_quantized(model, resolved)
         gc.collect()
+        seconds["lower"] = round(time.perf_counter() - start, 2)
     formats = resolved.quant_formats()
     opset = FP4_OPSET if "nvfp4" in formats else DEFAULT_OPSET
     compute = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[recipe.base]
