@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,38 +63,54 @@ def _check_writable_parent(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(out: str | Path, *, keep: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield a fresh sibling temp dir; on success it replaces ``out`` (whole), else it is removed.
+def staging_dir(out: str | Path, *, marker: str = MANIFEST_NAME, keep: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a fresh sibling temp dir; on success it replaces ``out`` whole, on failure it is removed.
 
-    ``keep`` names entries of an existing ``out`` to carry over into the new one (for example a
-    stage that writes only ``out/<recipe>/`` keeps the rest). Carried entries are moved back if
-    the commit fails.
+    An existing ``out`` is replaced only when it is empty or was written by this tool (it holds
+    ``marker``): ``--out`` pointing at a source checkpoint or any other folder is refused, never wiped.
+    ``keep`` names entries of the existing ``out`` that move into the new one (downstream artifacts a
+    stage does not own); they are moved back if the commit fails.
     """
     out = Path(out).absolute()
     _check_writable_parent(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise ArtifactError(
+            f"refusing to replace {out}: it is not empty and was not written by this stage (no {marker})",
+            hint="choose a new or empty output directory",
+        )
     token = uuid.uuid4().hex[:8]
     tmp = out.with_name(f"{out.name}.tmp-{token}")
+    old = out.with_name(f"{out.name}.old-{token}")
     tmp.mkdir()
+    moved: list[str] = []
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f"{out.name}.old-{token}")
-    if out.exists():
-        for name in keep:
-            src = out / name
-            if src.exists() and not (tmp / name).exists():
-                shutil.copytree(src, tmp / name) if src.is_dir() else shutil.copy2(src, tmp / name)
-        os.replace(out, old)
-    try:
+        if out.exists():
+            for name in keep:
+                if (out / name).exists() and not (tmp / name).exists():
+                    os.replace(out / name, tmp / name)
+                    moved.append(name)
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
-        if old.exists():
+        if old.exists() and not out.exists():
             os.replace(old, out)
+        for name in moved:
+            if (tmp / name).exists() and out.is_dir():
+                os.replace(tmp / name, out / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_graph(path: str | Path) -> str:
+    """sha256 over an ONNX file and its external-data file (the weights), so any weight change shows."""
+    path = Path(path)
+    h = hashlib.sha256(sha256_file(path).encode())
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        h.update(sha256_file(data).encode())
+    return h.hexdigest()
 
 
 def tool_versions() -> dict[str, str | None]:

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from pi05_export.artifacts import Manifest, sha256_file, staging_dir
+from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_graph, staging_dir
 from pi05_export.components import (
     ALL_COMPONENTS,
     BATCH,
     NUM_IMAGES,
     Component,
+    ComponentSpec,
     component_specs,
     example_inputs,
 )
@@ -86,10 +87,6 @@ def export_component(model: Any, component: Component, path: Path, *, compute_dt
     wrapper = spec.wrap(model).eval()
     example = example_inputs(spec, cfg, batch=2)
     args = tuple(example[t.name] for t in spec.inputs)
-    dims = {d: torch.export.Dim(d, min=1, max=MAX_DYNAMIC) for d in (BATCH, NUM_IMAGES)}
-    dynamic_shapes = {
-        t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs
-    }
     start = time.perf_counter()
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(
@@ -98,7 +95,7 @@ def export_component(model: Any, component: Component, path: Path, *, compute_dt
             str(path),
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=dynamic_shapes,
+            dynamic_shapes=dynamic_shapes(spec),
             opset_version=opset,
             dynamo=True,
             external_data=True,
@@ -113,6 +110,17 @@ def export_component(model: Any, component: Component, path: Path, *, compute_dt
     want_in, want_out = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
     if got_in != want_in or got_out != want_out:  # a bug, not a user error
         raise RuntimeError(f"{component.value}: exported I/O {got_in}->{got_out} != spec {want_in}->{want_out}")
+    return component_entry(path, spec, seconds)
+
+
+def dynamic_shapes(spec: ComponentSpec) -> dict[str, Any]:
+    """torch.export dynamic shapes: exactly the spec's named dims (batch, num_images) are dynamic."""
+    dims = {d: torch.export.Dim(d, min=1, max=MAX_DYNAMIC) for d in (BATCH, NUM_IMAGES)}
+    return {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs}
+
+
+def component_entry(path: Path, spec: ComponentSpec, seconds: float) -> dict[str, Any]:
+    """The manifest entry of one exported graph (shared by the onnx and quantize stages)."""
     data = path.with_name(path.name + ".data")
     return {
         "path": f"{ONNX_SUBDIR}/{path.name}",
@@ -121,10 +129,25 @@ def export_component(model: Any, component: Component, path: Path, *, compute_dt
         "inputs": [t.to_dict() for t in spec.inputs],
         "outputs": [t.to_dict() for t in spec.outputs],
         "dynamic_dims": sorted(spec.dynamic_dims),
-        "sha256": sha256_file(path),
+        "sha256": sha256_graph(path),
         "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
         "export_seconds": round(seconds, 2),
     }
+
+
+def check_export_options(precision: str, opset: int) -> None:
+    """Validate options before any (possibly minutes-long) model loading."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+    if not 17 <= opset <= 23:
+        raise ConfigError(f"opset {opset} is not supported", hint="use an opset between 17 and 23 (default 19)")
+
+
+def _downstream_entries(out: Path) -> list[str]:
+    """What later stages wrote into a previous export (recipes, engines, reports): kept, not deleted."""
+    if not (out / MANIFEST_NAME).is_file():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in (ONNX_SUBDIR, MANIFEST_NAME))
 
 
 def export_onnx(
@@ -144,10 +167,7 @@ def export_onnx(
     """
     from pi05_export.model.pi05 import apply_dtype_policy
 
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
-    if not 17 <= opset <= 23:
-        raise ConfigError(f"opset {opset} is not supported", hint="use an opset between 17 and 23 (default 19)")
+    check_export_options(precision, opset)
     selected = parse_components(components)
     apply_dtype_policy(model, PRECISIONS[precision])
     compute_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
@@ -158,7 +178,12 @@ def export_onnx(
         precision=precision,
         opset=opset,
     )
-    with staging_dir(out_dir) as tmp:
+    downstream = _downstream_entries(Path(out_dir))
+    if downstream:
+        log.warning("keeping %s from the previous export in %s: they were made from the previous graphs; "
+                    "re-run quantize/build/validate (build and the TensorRT runtime refuse engines of other graphs)",
+                    ", ".join(downstream), out_dir)
+    with staging_dir(out_dir, keep=downstream) as tmp:
         (tmp / ONNX_SUBDIR).mkdir()
         for i, comp in enumerate(selected):
             if progress:

@@ -37,13 +37,14 @@ from torch import nn
 
 from pi05_export import nvfp4
 from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_file, staging_dir
-from pi05_export.components import BATCH, NUM_IMAGES, Component, component_specs, example_inputs
+from pi05_export.components import Component, component_specs, example_inputs
 from pi05_export.errors import ArtifactError, ConfigError, RecipeError
 from pi05_export.export import (
     DEFAULT_OPSET,
-    MAX_DYNAMIC,
     ONNX_SUBDIR,
     _quiet_exporter,
+    component_entry,
+    dynamic_shapes,
     export_component,
     parse_components,
 )
@@ -287,13 +288,11 @@ def export_quantized_component(model: Any, component: Component, path: Path, *, 
     wrapper = spec.wrap(model).eval()
     example = example_inputs(spec, cfg, batch=2)
     args = tuple(example[t.name] for t in spec.inputs)
-    dims = {d: torch.export.Dim(d, min=1, max=MAX_DYNAMIC) for d in (BATCH, NUM_IMAGES)}
-    dynamic_shapes = {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs}
     start = time.perf_counter()
     with _quiet_exporter(), torch.no_grad():
         prog = torch.onnx.export(
             wrapper, args, input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, optimize=False, verbose=False,
+            dynamic_shapes=dynamic_shapes(spec), opset_version=opset, dynamo=True, optimize=False, verbose=False,
             custom_translation_table=_translation_table(opset),
         )
         assert prog is not None  # dynamo export without a path returns the program
@@ -305,19 +304,7 @@ def export_quantized_component(model: Any, component: Component, path: Path, *, 
     fp4 = _finalize_fp4(path)
     seconds = time.perf_counter() - start
     onnx.checker.check_model(str(path)) if not fp4 else None  # trt:: ops have no schema in onnx
-    data = path.with_name(path.name + ".data")
-    entry = {
-        "path": f"{ONNX_SUBDIR}/{path.name}",
-        "external_data": f"{ONNX_SUBDIR}/{data.name}" if data.exists() else None,
-        "description": spec.description,
-        "inputs": [t.to_dict() for t in spec.inputs],
-        "outputs": [t.to_dict() for t in spec.outputs],
-        "dynamic_dims": sorted(spec.dynamic_dims),
-        "sha256": sha256_file(path),
-        "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
-        "export_seconds": round(seconds, 2),
-        "opset": opset,
-    }
+    entry = {**component_entry(path, spec, seconds), "opset": opset}
     if fp4:
         emulated = runnable_onnx(path)
         entry["runnable_path"] = f"{ONNX_SUBDIR}/{emulated.name}"
@@ -612,7 +599,7 @@ def quantize_model(
     formats = resolved.quant_formats()
     opset = FP4_OPSET if "nvfp4" in formats else DEFAULT_OPSET
     compute = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[recipe.base]
-    manifest = Manifest(stage="quantize", config=model.config.to_dict(), source=source, precision=recipe.name,
+    manifest = Manifest(stage="quantize", config=model.config.to_dict(), source=source, precision=recipe.base,
                         opset=opset, recipe=resolved.to_dict(), inputs=inputs)
     min_cc = max((MIN_COMPUTE_CAPABILITY[f] for f in formats), key=float, default=None)
     extra.update({

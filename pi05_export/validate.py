@@ -9,10 +9,12 @@ each requested step count, and the per-step velocity drift is recorded. Threshol
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import platform
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -109,18 +111,12 @@ def record_component_inputs(reference: Pipeline, obs: Observation, steps: int, s
     reference.recorder = lambda comp, feed: feeds[comp].append({k: np.array(v) for k, v in feed.items()})
     try:
         reference.sample_actions(obs, steps=steps, seed=seed)
+        picks = sorted({0, len(feeds[Component.denoise]) // 2, len(feeds[Component.denoise]) - 1})
+        feeds[Component.denoise] = [feeds[Component.denoise][i] for i in picks]
+        for feed in feeds[Component.denoise]:  # split-path inputs (expert, projections) at the same steps
+            reference.denoise_split(feed["x_t"], feed["t"], feed["kv_cache"], feed["prefix_mask"])
     finally:
         reference.recorder = None
-    picks = sorted({0, len(feeds[Component.denoise]) // 2, len(feeds[Component.denoise]) - 1})
-    feeds[Component.denoise] = [feeds[Component.denoise][i] for i in picks]
-    backend = reference.backend
-    for feed in feeds[Component.denoise]:  # split-path inputs at the same steps
-        proj = backend.run(Component.projections, {**feed, "suffix_hidden": np.zeros((*feed["x_t"].shape[:2], reference.config.expert.width), np.float32)})
-        expert_feed = {"suffix_embeds": proj["suffix_embeds"], "adarms_cond": proj["adarms_cond"],
-                       "kv_cache": feed["kv_cache"], "prefix_mask": feed["prefix_mask"]}
-        feeds[Component.expert].append(expert_feed)
-        hidden = backend.run(Component.expert, expert_feed)["suffix_hidden"]
-        feeds[Component.projections].append({"x_t": feed["x_t"], "t": feed["t"], "suffix_hidden": hidden})
     return feeds
 
 
@@ -182,7 +178,12 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
     total = len(comps) + len(steps)
     feeds = record_component_inputs(reference, obs, max(steps), seed)
 
-    with staging_dir(artifacts / REPORTS) as tmp:
+    with contextlib.ExitStack() as stack:
+        stack.callback(target.close)
+        if write_report:  # replace OUT/reports only with a complete new report
+            tmp = stack.enter_context(staging_dir(artifacts / REPORTS, marker="validation.json"))
+        else:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pi05-validate-")))
         for i, comp in enumerate(comps):
             if progress:
                 progress(comp.value, i, total)

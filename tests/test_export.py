@@ -130,3 +130,36 @@ def test_failed_export_leaves_nothing_and_keeps_old(tmp_path, monkeypatch, tiny_
         export_mod.export_onnx(random_model("tiny"), out, source={"kind": "random"}, components="vision,expert")
     assert sorted(p.name for p in (out / "onnx").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path, capsys):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert run(["onnx", "--preset", "tiny", "--random-init", "--out", str(precious), "--components", "projections"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_reexport_keeps_downstream_artifacts(tmp_path, tiny_export, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export("fp32"), out)
+    (out / "engines" / "fp16").mkdir(parents=True)
+    (out / "engines" / "fp16" / "manifest.json").write_text("{}")
+    assert run(["onnx", "--preset", "tiny", "--random-init", "--out", str(out), "--components", "projections"]) == 0
+    assert (out / "engines" / "fp16" / "manifest.json").is_file()
+    assert Manifest.read(out).components.keys() == {"projections"}
+    assert "keeping engines" in capsys.readouterr().err
+
+
+def test_graph_hash_covers_external_weights(tmp_path):
+    from pi05_export.checkpoint import random_model
+    from pi05_export.export import export_onnx
+
+    hashes = []
+    for seed in (0, 1):
+        m = export_onnx(random_model("tiny", seed=seed), tmp_path / f"s{seed}", source={"kind": "random"}, components="projections")
+        hashes.append(m.components["projections"]["sha256"])
+    assert hashes[0] != hashes[1]

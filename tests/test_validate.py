@@ -84,3 +84,22 @@ def test_threshold_table_judges():
     assert [gate.judge(v) for v in (0.9995, 0.995, 0.9, float("nan"))] == ["PASS", "WARN", "FAIL", "FAIL"]
     assert TABLE["fp32"].actions.judge(5e-5) == "PASS" and TABLE["fp32"].actions.judge(5e-3) == "FAIL"
     assert TABLE["mixed_fp4_fp8"].actions.passing == 0.995 and TABLE["fp8"].actions.passing == 0.999
+
+
+def test_engines_built_from_other_graphs_are_refused(tiny_export, tmp_path):
+    """The TensorRT runtime checks the engines' source-manifest hash before touching TensorRT."""
+    from pi05_export.artifacts import Manifest
+    from pi05_export.errors import ArtifactError
+    from pi05_export.runtime import open_pipeline
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export("fp16"), out)
+    src = Manifest.read(out)
+    engines = out / "engines" / "fp16"
+    engines.mkdir(parents=True)
+    Manifest(stage="build", config=src.config, source=src.source, precision="fp16",
+             inputs={"manifest": "manifest.json", "sha256": "0" * 64}).write(engines)
+    with pytest.raises(ArtifactError, match="built from other graphs.*hint: rebuild them: pi05-export build .* --fp16"):
+        open_pipeline("tensorrt", out)
+    with pytest.raises(ArtifactError, match="no manifest.json in .*engines/bf16.*pi05-export build"):
+        open_pipeline("tensorrt", out, engines="bf16")

@@ -336,7 +336,7 @@ def save_checkpoint(
     config_json = checkpoint_config_json(cfg, layout, "fp32" if big == torch.float32 else "bf16")
 
     shards = _shard(state, max_shard_bytes)
-    with staging_dir(out_dir) as tmp:
+    with staging_dir(out_dir, marker=CONFIG_NAME) as tmp:
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         else:

@@ -35,9 +35,10 @@ def onnx(
     seed: SeedOpt = 0,
 ) -> None:
     """Export every component to ONNX with a manifest."""
-    from pi05_export.export import export_onnx, parse_components
+    from pi05_export.export import check_export_options, export_onnx, parse_components
 
     selected = parse_components(components)  # fail on a typo before loading anything
+    check_export_options(precision, opset)
     # load straight into the export precision (a full-size fp32 copy would double peak memory)
     dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
     model, source = load_model(checkpoint, preset, config, random_init, seed, dtype=dtype)

@@ -42,7 +42,7 @@ def validate(
     if backend not in ("onnxruntime", "tensorrt"):
         raise ConfigError(f"unknown backend {backend!r}", hint="use onnxruntime or tensorrt")
     if backend == "tensorrt":
-        from pi05_export.runtime.backends import require_tensorrt
+        from pi05_export.trt import require_tensorrt
 
         require_tensorrt()
     manifest = Manifest.read(artifacts)

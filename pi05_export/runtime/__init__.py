@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pi05_export.artifacts import Manifest
+from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_file
 from pi05_export.components import Component, ComponentSpec, TensorSpec
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ArtifactError, ConfigError
@@ -55,6 +55,18 @@ class Pipeline:
         self.backend, self.config, self.specs = backend, config, specs
         self.recorder: Callable[[Component, dict[str, np.ndarray]], None] | None = None
 
+    def close(self) -> None:
+        """Release backend resources (TensorRT execution contexts)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _run(self, component: Component, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.recorder is not None:
             self.recorder(component, feed)
@@ -71,9 +83,14 @@ class Pipeline:
     def denoise(self, x_t: np.ndarray, t: np.ndarray, kv_cache: np.ndarray, prefix_mask: np.ndarray) -> np.ndarray:
         if Component.denoise in self.specs:
             return self._run(Component.denoise, {"x_t": x_t, "t": t, "kv_cache": kv_cache, "prefix_mask": prefix_mask})["v_t"]
-        # split path: projections -> expert -> projections (action_out half)
+        return self.denoise_split(x_t, t, kv_cache, prefix_mask)
+
+    def denoise_split(self, x_t: np.ndarray, t: np.ndarray, kv_cache: np.ndarray, prefix_mask: np.ndarray) -> np.ndarray:
+        """The same step through the separate graphs: projections (action_in + time MLP) -> expert ->
+        projections (action_out). The projections graph holds both halves, so it runs twice; the
+        first run's v_t (from a zero hidden state) is unused."""
         zeros = np.zeros((*x_t.shape[:2], self.config.expert.width), np.float32)
-        proj = self._run(Component.projections, {"x_t": x_t, "t": t, "suffix_hidden": zeros})
+        proj = self.backend.run(Component.projections, {"x_t": x_t, "t": t, "suffix_hidden": zeros})
         hidden = self._run(Component.expert, {"suffix_embeds": proj["suffix_embeds"], "adarms_cond": proj["adarms_cond"],
                                               "kv_cache": kv_cache, "prefix_mask": prefix_mask})["suffix_hidden"]
         return self._run(Component.projections, {"x_t": x_t, "t": t, "suffix_hidden": hidden})["v_t"]
@@ -139,7 +156,23 @@ def open_pipeline(
     if backend == "onnxruntime":
         graphs = _artifact_graphs(artifacts, manifest)
         return Pipeline(OnnxRuntimeBackend(graphs, specs, emulate_bf16=manifest.precision == "bf16"), cfg, specs)
-    engine_dir = artifacts / "engines" / (engines or manifest.precision)
-    engine_manifest = Manifest.read(engine_dir, hint=f"build engines first: pi05-export build {artifacts} --{manifest.precision}")
+    engine_dir, build_cmd = _engine_location(artifacts, manifest, engines)
+    engine_manifest = Manifest.read(engine_dir, stage="build", hint=f"build engines first: {build_cmd}")
+    built_from = (engine_manifest.inputs or {}).get("sha256")
+    if built_from != sha256_file(artifacts / MANIFEST_NAME):
+        raise ArtifactError(
+            f"the engines in {engine_dir} were built from other graphs than {artifacts}",
+            hint=f"rebuild them: {build_cmd}",
+        )
     paths = {Component(n): engine_dir / e["path"] for n, e in engine_manifest.components.items()}
     return Pipeline(TensorRTBackend(paths, specs), cfg, specs)
+
+
+def _engine_location(artifacts: Path, manifest: Manifest, engines: str | None) -> tuple[Path, str]:
+    """Where ``pi05-export build`` put the engines of these graphs, and the command that builds them."""
+    if manifest.stage == "quantize":  # OUT/<recipe>/ -> OUT/engines/<recipe>/
+        name = engines or artifacts.name
+        return artifacts.parent / "engines" / name, f"pi05-export build {artifacts.parent} --recipe {artifacts.name}"
+    name = engines or manifest.precision
+    flag = f"--{manifest.precision}" if manifest.precision in ("fp16", "bf16") else "--fp16 (from fp16 graphs)"
+    return artifacts / "engines" / name, f"pi05-export build {artifacts} {flag}"

@@ -63,12 +63,14 @@ def bf16_emulation_copy(src: Path, dst: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(src))  # with external data: fine for graphs that fit in memory
+    model = onnx.load(str(src), load_external_data=False)  # shape inference on the proto alone (graphs > 2 GB)
     inferred = onnx.shape_inference.infer_shapes(model)
     bf16_values = {
-        vi.name for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+        vi.name for vi in (*inferred.graph.value_info, *inferred.graph.output)
         if vi.type.tensor_type.elem_type == TensorProto.BFLOAT16
     }
+    bf16_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == TensorProto.BFLOAT16]
+    onnx.load_external_data_for_model(model, str(src.parent))
     g = model.graph
     for init in g.initializer:
         if init.data_type == TensorProto.BFLOAT16:
@@ -78,7 +80,12 @@ def bf16_emulation_copy(src: Path, dst: Path) -> Path:
         if vi.type.tensor_type.elem_type == TensorProto.BFLOAT16:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
     nodes = []
+    for name in bf16_inputs:  # a bf16 engine input rounds its feed to bf16: do the same here
+        nodes.append(helper.make_node("Cast", [name], [f"{name}__bf16"], to=TensorProto.BFLOAT16))
+        nodes.append(helper.make_node("Cast", [f"{name}__bf16"], [f"{name}__rounded"], to=TensorProto.FLOAT))
+    rename_inputs = {name: f"{name}__rounded" for name in bf16_inputs}
     for node in g.node:
+        node.input[:] = [rename_inputs.get(i, i) for i in node.input]
         for attr in node.attribute:
             if attr.name == "to" and attr.i == TensorProto.BFLOAT16:
                 attr.i = TensorProto.FLOAT
@@ -130,13 +137,6 @@ class OnnxRuntimeBackend:
         return {t.name: o for t, o in zip(spec.outputs, outs, strict=True)}
 
 
-def require_tensorrt() -> str:
-    """TensorRT's version, or DependencyError (exit 2) naming what to install where."""
-    from pi05_export.trt import require_tensorrt as _require
-
-    return _require()
-
-
 class TensorRTBackend:
     """Engines run through :class:`pi05_export.trt.EngineRunner` (Polygraphy's TrtRunner underneath),
     which casts the float32 carriers to the engine's input dtypes (bf16 included)."""
@@ -144,6 +144,8 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engines: dict[Component, Path], specs: dict[Component, ComponentSpec]) -> None:
+        from pi05_export.trt import require_tensorrt
+
         require_tensorrt()
         self.engines, self.specs = engines, specs
         self._runners: dict[Component, Any] = {}
