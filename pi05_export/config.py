@@ -200,7 +200,7 @@ def _sub_config(key: str, value: Any, typ: type) -> Any:
         return GEMMA_VARIANTS[value]
     if not isinstance(value, dict):
         raise ConfigError(f"config '{key}' must be a mapping or a variant name", hint="see README 'Config files'")
-    derived = {f.name for f in dataclasses.fields(typ)} - _init_fields(typ)
+    derived = {k: v for k, v in value.items() if k in {f.name for f in dataclasses.fields(typ)} - _init_fields(typ)}
     value = {k: v for k, v in value.items() if k not in derived}  # e.g. head_dim written by to_dict()
     unknown = set(value) - _init_fields(typ)
     if unknown:
@@ -209,9 +209,16 @@ def _sub_config(key: str, value: Any, typ: type) -> Any:
             hint=f"valid keys: {', '.join(sorted(_init_fields(typ)))}",
         )
     try:
-        return typ(**value)
+        built = typ(**value)
     except TypeError as e:
         raise ConfigError(f"invalid '{key}' config: {e}", hint="see README 'Config files'") from None
+    for name, given in derived.items():  # derived values may be written out, but must agree
+        if getattr(built, name) != given:
+            raise ConfigError(
+                f"{key}.{name} is {given} but the other dimensions give {getattr(built, name)}",
+                hint=f"fix or drop {key}.{name} (it is derived)",
+            )
+    return built
 
 
 # Tiny model for tests: runs in seconds on a CPU. 8 query heads of 16 dims, so the q width (128)

@@ -509,9 +509,9 @@ class _SafetensorsStream:
 
 # -- conversion --------------------------------------------------------------------------------------
 def _target_dtype(key: str, precision: str) -> torch.dtype:
-    from pi05_export.model.pi05 import keeps_fp32
+    from pi05_export.model.pi05 import policy_dtype
 
-    return torch.float32 if precision == "fp32" or keeps_fp32(key) else torch.bfloat16
+    return policy_dtype(key, torch.float32 if precision == "fp32" else torch.bfloat16)
 
 
 def _to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -103,3 +103,14 @@ def test_engines_built_from_other_graphs_are_refused(tiny_export, tmp_path):
         open_pipeline("tensorrt", out)
     with pytest.raises(ArtifactError, match="no manifest.json in .*engines/bf16.*pi05-export build"):
         open_pipeline("tensorrt", out, engines="bf16")
+
+
+def test_reference_must_be_the_exported_checkpoint(tmp_path, capsys):
+    from pi05_export.checkpoint import random_model, save_checkpoint
+
+    save_checkpoint(random_model("tiny", seed=0), tmp_path / "ck0", "openpi")
+    save_checkpoint(random_model("tiny", seed=1), tmp_path / "ck1", "openpi")
+    out = tmp_path / "out"
+    assert run(["onnx", str(tmp_path / "ck0"), "--out", str(out), "--components", "projections"]) == 0
+    assert run(["validate", str(out), "--checkpoint", str(tmp_path / "ck1"), "--steps", "1"]) == 2
+    assert "is not the checkpoint these artifacts were exported from (sha256 differs)" in capsys.readouterr().err

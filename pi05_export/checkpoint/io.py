@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pi05_export.config import Pi05Config
-from pi05_export.errors import CheckpointError, ConfigError
+from pi05_export.errors import ArtifactError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def load_checkpoint(
     Missing keys -> error listing them; a wrong shape -> error naming the key and both shapes;
     unexpected keys -> warning.
     """
-    from pi05_export.model.pi05 import Pi05Model, keeps_fp32
+    from pi05_export.model.pi05 import Pi05Model, policy_dtype
 
     target = _torch_dtype(dtype)
     info = inspect_checkpoint(path, config)
@@ -280,8 +280,7 @@ def load_checkpoint(
                 if key not in expected or key in state:
                     continue
                 tensor = f.get_tensor(raw_key)
-                want = torch.float32 if target == torch.float32 or keeps_fp32(key) else target
-                state[key] = tensor.to(want)
+                state[key] = tensor.to(policy_dtype(key, target))
     with torch.device("meta"):
         model = Pi05Model(cfg)
     model.load_state_dict(state, strict=True, assign=True)
@@ -333,7 +332,7 @@ def save_checkpoint(
     else:
         state = {LEROBOT_PREFIX + k: v for k, v in state.items()}
     big = state[LM_HEAD_KEY if layout is Layout.openpi else LEROBOT_PREFIX + EMBED_KEY].dtype  # a policy-cast tensor
-    config_json = checkpoint_config_json(cfg, layout, "fp32" if big == torch.float32 else "bf16")
+    config_json = checkpoint_config_json(cfg, layout, {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(big, "fp32"))
 
     shards = _shard(state, max_shard_bytes)
     with staging_dir(out_dir, marker=CONFIG_NAME) as tmp:
@@ -360,7 +359,7 @@ def checkpoint_config_json(cfg: Pi05Config, layout: Layout | str, precision: str
         data: dict[str, Any] = {
             "action_dim": cfg.action_dim, "action_horizon": cfg.action_horizon,
             "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
-            "precision": "float32" if precision == "fp32" else "bfloat16",
+            "precision": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision],
         }
     else:
         data = {
@@ -401,7 +400,7 @@ def random_model(config: Pi05Config | str, seed: int = 0, *, dtype: str = "float
     memory is the final model plus one fp32 tensor, and a bf16/fp16 draw equals the fp32 draw
     rounded. The same seed gives the same weights on a given device type (CPU and CUDA differ).
     """
-    from pi05_export.model.pi05 import Pi05Model, keeps_fp32
+    from pi05_export.model.pi05 import Pi05Model, policy_dtype
 
     cfg = Pi05Config.from_name(config) if isinstance(config, str) else config
     target = _torch_dtype(dtype)
@@ -417,7 +416,7 @@ def random_model(config: Pi05Config | str, seed: int = 0, *, dtype: str = "float
         else:  # biases and norm weights
             std = 0.1
         value = torch.empty(p.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen)
-        value = value.to(torch.float32 if keeps_fp32(name) else target)
+        value = value.to(policy_dtype(name, target))
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
     return model.eval()
@@ -440,8 +439,8 @@ def resolve_model(
         if preset is not None or random_init:
             raise ConfigError("give either a CHECKPOINT or --preset/--random-init, not both", hint="drop one of them")
         model, info = load_checkpoint(checkpoint, config, dtype=dtype)
-        return model, {"kind": "checkpoint", "path": str(info.path), "layout": info.layout.value,
-                       "sha256": _files_digest(info.files)}
+        return model, {"kind": "checkpoint", "path": str(info.path.absolute()), "layout": info.layout.value,
+                       "config_file": str(Path(config).absolute()) if config else None, "sha256": _files_digest(info.files)}
     if preset is None and config is None:
         raise ConfigError("no model given", hint="pass a CHECKPOINT, or --preset tiny --random-init")
     if not random_init:
@@ -452,19 +451,26 @@ def resolve_model(
 
 
 def reference_model(source: dict[str, Any], checkpoint: str | Path | None = None, config: str | Path | None = None) -> Any:
-    """Rebuild the fp32 reference an artifact was made from (its manifest ``source``), or load ``checkpoint``."""
-    if checkpoint is not None:
-        return load_checkpoint(checkpoint, config)[0]
+    """The fp32 reference an artifact was made from (its manifest ``source``).
+
+    ``checkpoint`` overrides where to find it (the export may have run elsewhere), but it must be
+    the same weights: its sha256 is checked against the one recorded at export time.
+    """
+    config = config or source.get("config_file")
     if source.get("kind") == "random":
-        return resolve_model(None, preset=source.get("preset"), config=source.get("config_file"), random_init=True,
-                             seed=int(source.get("seed", 0)))[0]
-    path = source.get("path")
+        if checkpoint is not None:
+            raise ArtifactError("these artifacts were exported from random weights, not a checkpoint",
+                                hint="drop --checkpoint (the reference is rebuilt from the recorded preset and seed)")
+        return resolve_model(None, preset=source.get("preset"), config=config, random_init=True, seed=int(source.get("seed", 0)))[0]
+    path = checkpoint or source.get("path")
     if not path or not Path(path).exists():
-        raise CheckpointError(
-            f"the checkpoint the artifacts came from ({path}) is not available",
-            hint="pass it with --checkpoint PATH",
-        )
+        raise CheckpointError(f"the checkpoint the artifacts came from ({path}) is not available", hint="pass it with --checkpoint PATH")
     model, info = load_checkpoint(path, config)
+    if source.get("sha256") and _files_digest(info.files) != source["sha256"]:
+        raise ArtifactError(
+            f"{path} is not the checkpoint these artifacts were exported from (sha256 differs)",
+            hint="pass the exported checkpoint with --checkpoint, or re-export from this one",
+        )
     return model
 
 

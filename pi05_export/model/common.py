@@ -77,13 +77,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     """Grouped-query attention without repeating K/V.
 
     q [B, Hq, T, D]; k, v [B, Hkv, S, D]; bias [B, T, S] additive fp32 (or None).
-    Returns [B, T, Hq*D]. QK^T and PV run in the input dtype; scaling, mask and softmax in fp32.
+    Returns [B, T, Hq*D]. QK^T and PV run in the input dtype, q pre-scaled; mask and softmax in fp32.
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    qg = q.reshape(b, hkv, g * t, d)
-    logits = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, S]
+    qg = q.reshape(b, hkv, g * t, d) * scale  # scale before QK^T (as JAX does): no fp16 overflow of raw logits
+    logits = torch.matmul(qg, k.transpose(-1, -2)).float()  # [B, Hkv, G*T, S]
     logits = logits.reshape(b, hkv, g, t, -1)
     if bias is not None:
         logits = logits + bias[:, None, None]

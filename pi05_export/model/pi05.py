@@ -143,7 +143,9 @@ class Pi05Model(nn.Module):
 
         Time is accumulated in fp32 exactly as openpi does (``t += dt``).
         """
-        num_steps = num_steps or self.config.num_steps
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         b = images.shape[0]
         if noise is None:
             shape = (b, self.config.action_horizon, self.config.action_dim)
@@ -217,10 +219,15 @@ def keeps_fp32(name: str) -> bool:
     return any(k in name for k in FP32_KEEP)
 
 
+def policy_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype parameter ``name`` gets when the model is cast to ``dtype`` under openpi's policy."""
+    return torch.float32 if dtype == torch.float32 or keeps_fp32(name) else dtype
+
+
 def apply_dtype_policy(model: Pi05Model, dtype: torch.dtype) -> Pi05Model:
     """Cast to ``dtype`` (fp16/bf16) except openpi's fp32 keep-list; ``float32`` casts everything to fp32."""
     for name, param in model.named_parameters():
-        target = torch.float32 if dtype == torch.float32 or keeps_fp32(name) else dtype
+        target = policy_dtype(name, dtype)
         if param.dtype != target:
             param.data = param.data.to(target)
     return model
