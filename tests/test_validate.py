@@ -114,3 +114,14 @@ def test_reference_must_be_the_exported_checkpoint(tmp_path, capsys):
     assert run(["onnx", str(tmp_path / "ck0"), "--out", str(out), "--components", "projections"]) == 0
     assert run(["validate", str(out), "--checkpoint", str(tmp_path / "ck1"), "--steps", "1"]) == 2
     assert "is not the checkpoint these artifacts were exported from (sha256 differs)" in capsys.readouterr().err
+
+
+def test_partial_export_validates_components_and_skips_end_to_end(tiny_model, tmp_path):
+    from pi05_export.export import export_onnx
+
+    out = tmp_path / "out"
+    export_onnx(__import__("pi05_export.checkpoint", fromlist=["x"]).random_model("tiny"), out,
+                source={"kind": "random", "preset": "tiny", "config_file": None, "seed": 0}, components="vision,projections")
+    report = validate_artifacts(out, model=tiny_model, steps=(3,))
+    assert report.status == "PASS" and [c.name for c in report.checks][0] == "vision/image_embeds"
+    assert not any(c.name.startswith("actions") for c in report.checks) and "end to end skipped" in report.notes[0]
