@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from pi05_export.cli import run
+from pi05_export.config import Pi05Config
 from pi05_export.observation import random_observation, save_npz
 from pi05_export.tolerances import TABLE, Gate
 from pi05_export.validate import validate_artifacts
@@ -70,7 +71,7 @@ def test_tensorrt_backend_without_tensorrt(tiny_export, capsys):
 
 
 def test_infer_backends_agree(tiny_export, tmp_path):
-    obs = random_observation(__import__("pi05_export.config", fromlist=["x"]).Pi05Config.from_name("tiny"), 2, seed=11)
+    obs = random_observation(Pi05Config.from_name("tiny"), 2, seed=11)
     save_npz(tmp_path / "obs.npz", obs.arrays())
     assert run(["infer", "--preset", "tiny", "--random-init", "--inputs", str(tmp_path / "obs.npz"), "--out", str(tmp_path / "t.npz")]) == 0
     assert run(["infer", "--backend", "onnxruntime", "--artifacts", str(tiny_export("fp32")), "--inputs", str(tmp_path / "obs.npz"),
@@ -117,10 +118,11 @@ def test_reference_must_be_the_exported_checkpoint(tmp_path, capsys):
 
 
 def test_partial_export_validates_components_and_skips_end_to_end(tiny_model, tmp_path):
+    from pi05_export.checkpoint import random_model
     from pi05_export.export import export_onnx
 
     out = tmp_path / "out"
-    export_onnx(__import__("pi05_export.checkpoint", fromlist=["x"]).random_model("tiny"), out,
+    export_onnx(random_model("tiny"), out,
                 source={"kind": "random", "preset": "tiny", "config_file": None, "seed": 0}, components="vision,projections")
     report = validate_artifacts(out, model=tiny_model, steps=(3,))
     assert report.status == "PASS" and [c.name for c in report.checks][0] == "vision/image_embeds"
