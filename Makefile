@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 OUT ?= out/tiny
 
-.PHONY: install test test-gpu lint typecheck demo ci-validate bench-export bench-convert bench-tiny bench-gpu clean
+.PHONY: install test test-gpu lint typecheck demo ci-validate bench-export bench-convert bench-tiny bench-gpu bench-quantize calibration-pi05 nvfp4-parity clean
 
 install:  ## venv with the CPU torch build, the package, and every extra the tests use
 	test -x $(PY) || python3 -m venv .venv
@@ -32,11 +32,15 @@ demo:  ## the main job on the embedded tiny preset: export -> validate (ONNX Run
 	.venv/bin/pi05-export onnx --preset tiny --random-init --out $(OUT)
 	.venv/bin/pi05-export validate $(OUT)
 
-ci-validate:  ## the CI engine-validation job on tiny: fp32 and fp16 graphs on ONNX Runtime
+ci-validate:  ## the CI engine-validation job on tiny: fp32, fp16, FP8 and FP4/FP8 graphs on ONNX Runtime
 	.venv/bin/pi05-export onnx --preset tiny --random-init --out out/ci-fp32
 	.venv/bin/pi05-export validate out/ci-fp32
 	.venv/bin/pi05-export onnx --preset tiny --random-init --precision fp16 --out out/ci-fp16
 	.venv/bin/pi05-export validate out/ci-fp16
+	.venv/bin/pi05-export quantize --preset tiny --random-init --recipe fp8 --out out/ci-fp32
+	.venv/bin/pi05-export validate out/ci-fp32/fp8
+	.venv/bin/pi05-export quantize --preset tiny --random-init --recipe mixed_fp4_fp8 --out out/ci-fp32
+	.venv/bin/pi05-export validate out/ci-fp32/mixed_fp4_fp8
 
 bench-export:  ## full-size export of all components: wall time and peak RSS per component
 	/usr/bin/time -v $(PY) benchmarks/bench_export.py --precision fp16
@@ -49,6 +53,15 @@ bench-tiny:  ## bench machinery on the CPU
 
 bench-gpu:  ## full-size PyTorch backends on one GPU; JSON lines in out/bench/results.jsonl
 	OUT=out/bench benchmarks/h200_bench.sh
+
+bench-quantize:  ## full-size fp8 quantize: peak RSS + time per component (~11 min, 14 GiB)
+	$(PY) benchmarks/bench_quantize.py --preset pi05 --recipe fp8 --samples 1 --steps 10
+
+calibration-pi05:  ## regenerate the photo calibration set at 224x224 for the full-size model
+	.venv/bin/pi05-export calibration-build --photos --preset pi05 --out calibration/pi05
+
+nvfp4-parity:  ## ModelOpt CUDA kernels vs the CPU NVFP4 emulation (needs a CUDA GPU + nvidia-modelopt)
+	$(PY) benchmarks/nvfp4_parity.py docs/nvfp4_parity.json
 
 clean:
 	rm -rf out .pytest_cache
