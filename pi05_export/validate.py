@@ -53,6 +53,8 @@ class Report:
     precision: str
     tolerance_row: str
     reference: str
+    recipe: str | None = None
+    formats: list[str] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     drift: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -171,7 +173,7 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
     obs = obs.with_noise(cfg, seed)
     report = Report(
         artifacts=str(artifacts), backend=backend, precision=manifest.precision, tolerance_row=row,
-        reference="PyTorch fp32 (pi05_export.model)",
+        reference="PyTorch fp32 (pi05_export.model)", recipe=(manifest.recipe or {}).get("name"), formats=list(formats or []),
         environment={"tools": tool_versions(), "platform": platform.platform(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                      "steps": list(steps), "batch": obs.batch, "seed": seed, "inputs": str(inputs) if inputs else "random"},
     )
@@ -228,7 +230,9 @@ def render_markdown(report: Report) -> str:
     lines = [
         f"# Validation: {report.status}",
         "",
-        f"`{report.artifacts}` on **{report.backend}** ({report.precision}; tolerance row `{report.tolerance_row}`) "
+        f"`{report.artifacts}` on **{report.backend}** ({report.precision} graphs"
+        + (f", recipe `{report.recipe}`: {', '.join(report.formats)}" if report.recipe else "")
+        + f"; tolerance row `{report.tolerance_row}`) "
         f"vs {report.reference}. {report.environment.get('date', '')}, batch {report.environment.get('batch')}, "
         f"inputs: {report.environment.get('inputs')}.",
         "",
