@@ -14,14 +14,15 @@ def _f64(x: Any) -> np.ndarray:
 
 
 def compare(actual: Any, reference: Any) -> dict[str, float]:
-    """cosine similarity, max abs, mean abs and relative L2 of ``actual`` vs ``reference``."""
+    """cosine similarity, max abs, mean abs, relative L2 of ``actual`` vs ``reference``, and
+    ``max_rel`` = max abs / max(1, max |reference|) (fp32 rounding grows with magnitude)."""
     a, r = _f64(actual), _f64(reference)
     if a.shape != r.shape:
         raise ValueError(f"shape mismatch: {a.shape} vs {r.shape}")
     d = np.abs(a - r)
     na, nr = np.linalg.norm(a), np.linalg.norm(r)
     if a.size == 0:
-        return {"cosine": 1.0, "max_abs": 0.0, "mean_abs": 0.0, "rel_l2": 0.0}
+        return {"cosine": 1.0, "max_abs": 0.0, "mean_abs": 0.0, "rel_l2": 0.0, "max_rel": 0.0}
     if na == 0 and nr == 0:
         cos = 1.0
     else:
@@ -32,6 +33,7 @@ def compare(actual: Any, reference: Any) -> dict[str, float]:
         "max_abs": float(d.max()) if finite else float("inf"),
         "mean_abs": float(d.mean()) if finite else float("inf"),
         "rel_l2": float(np.linalg.norm(a - r) / max(nr, 1e-300)) if finite else float("inf"),
+        "max_rel": float(d.max() / max(1.0, float(np.abs(r).max()))) if finite else float("inf"),
     }
 
 

@@ -1,7 +1,9 @@
 """Validation thresholds per precision: the one table ``validate`` (and the CI job) gates on.
 
 Each gate has a PASS and a WARN level; below WARN is FAIL. fp32 gates on max abs difference (the
-graphs compute the same math); reduced precisions gate on cosine similarity, with the goals from
+graphs compute the same math; per component relative to the tensor's scale, max abs / max(1, max|ref|),
+since the full-size prefix KV cache reaches magnitudes in the hundreds and fp32 rounding grows with
+them); reduced precisions gate on cosine similarity, with the goals from
 the validation issue for end-to-end actions (fp16/bf16 >= 0.9999, fp8 >= 0.999, fp4/fp8 >= 0.995).
 """
 
@@ -15,20 +17,21 @@ Status = Literal["PASS", "WARN", "FAIL"]
 
 @dataclass(frozen=True)
 class Gate:
-    metric: Literal["max_abs", "cosine"]
+    metric: Literal["max_abs", "max_rel", "cosine"]
     passing: float
     warning: float
 
     def judge(self, value: float) -> Status:
         if value != value:  # NaN
             return "FAIL"
-        if self.metric == "max_abs":
+        if self.metric != "cosine":  # differences: lower is better
             return "PASS" if value <= self.passing else "WARN" if value <= self.warning else "FAIL"
         return "PASS" if value >= self.passing else "WARN" if value >= self.warning else "FAIL"
 
     def describe(self) -> str:
-        op = "<=" if self.metric == "max_abs" else ">="
-        return f"{self.metric} {op} {self.passing:g} (warn {self.warning:g})"
+        op = ">=" if self.metric == "cosine" else "<="
+        name = "max abs / max(1, max|ref|)" if self.metric == "max_rel" else self.metric
+        return f"{name} {op} {self.passing:g} (warn {self.warning:g})"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -41,7 +44,7 @@ class Thresholds:
 
 
 TABLE: dict[str, Thresholds] = {
-    "fp32": Thresholds(component=Gate("max_abs", 1e-4, 1e-3), actions=Gate("max_abs", 1e-4, 1e-3)),
+    "fp32": Thresholds(component=Gate("max_rel", 1e-4, 1e-3), actions=Gate("max_abs", 1e-4, 1e-3)),
     "fp16": Thresholds(component=Gate("cosine", 0.9999, 0.999), actions=Gate("cosine", 0.9999, 0.999)),
     "bf16": Thresholds(component=Gate("cosine", 0.999, 0.995), actions=Gate("cosine", 0.9999, 0.999)),
     "fp8": Thresholds(component=Gate("cosine", 0.99, 0.98), actions=Gate("cosine", 0.999, 0.995)),
