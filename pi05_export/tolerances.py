@@ -2,8 +2,9 @@
 
 Each gate has a PASS and a WARN level; below WARN is FAIL. fp32 gates on max abs difference (the
 graphs compute the same math; per component relative to the tensor's scale, max abs / max(1, max|ref|),
-since the full-size prefix KV cache reaches magnitudes in the hundreds and fp32 rounding grows with
-them); reduced precisions gate on cosine similarity, with the goals from
+since fp32 rounding grows with magnitude: at full size the prefix KV cache, |kv| <= 5.5, differs by up to
+3.7e-4 after 18 layers of 2048-wide matmuls summed in another order); reduced precisions gate on cosine
+similarity, with the goals from
 the validation issue for end-to-end actions (fp16/bf16 >= 0.9999, fp8 >= 0.999, fp4/fp8 >= 0.995).
 """
 
