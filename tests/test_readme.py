@@ -30,7 +30,8 @@ def _readme_invocations() -> list[list[str]]:
 
 @pytest.mark.parametrize("argv", _readme_invocations(), ids=lambda a: " ".join(a)[:60])
 def test_readme_command_and_options_exist(argv):
-    help_text = CliRunner().invoke(app, [argv[0], "--help"], terminal_width=200).output
-    assert "Usage:" in help_text, f"unknown command {argv[0]}"
+    result = CliRunner().invoke(app, [argv[0], "--help"], terminal_width=200)
+    assert result.exit_code == 0, f"unknown command {argv[0]}"
+    help_text = result.output
     for opt in (a for a in argv[1:] if a.startswith("--")):
         assert opt.split("=")[0] in help_text, f"`pi05-export {argv[0]}` has no option {opt}"
