@@ -376,3 +376,18 @@ def test_help_without_tensorrt() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     assert "--print-trtexec" in res.stdout and "--opt-level" in res.stdout
+
+
+def test_plan_and_gate_on_real_quantize_output(exports: dict[str, Path], tmp_path: Path) -> None:
+    """The quantize stage's real manifest (not a hand-made one) through plan + hardware gate."""
+    out = tmp_path / "out"
+    shutil.copytree(exports["fp32"], out)
+    argv = ["quantize", "--preset", "tiny", "--random-init", "--recipe", "mixed_fp4_fp8", "--out", str(out),
+            "--components", "vision", "--samples", "1", "--steps", "2", "--accuracy-samples", "0"]
+    assert run(argv) == 0
+    plan = plan_build(out, recipe="mixed_fp4_fp8")
+    assert plan.engine_dir == out / "engines" / "mixed_fp4_fp8"
+    assert set(plan.source.formats) >= {"fp8", "nvfp4"}
+    with pytest.raises(HardwareError, match="nvfp4.*NVIDIA H200 .compute capability 9.0"):
+        check_hardware(plan.source.formats, H200, what="recipe 'mixed_fp4_fp8'")
+    check_hardware(plan.source.formats, GpuInfo("NVIDIA B200", (10, 0)), what="recipe 'mixed_fp4_fp8'")
