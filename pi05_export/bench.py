@@ -450,7 +450,8 @@ def _runtime_stages(backend: str, artifacts: Path) -> tuple[_Stages, Pi05Config,
         raise DependencyError(f"backend {backend!r} needs pi05_export.runtime.open_pipeline, which is not available ({e})",
                               hint="use --backend torch / torch-compile until the runtime module is installed") from None
     pipe = open_pipeline(backend, Path(artifacts))
-    notes = {c: f"{backend} ({manifest.precision} artifacts, numpy in/out)" for c in BENCH_COMPONENTS}
+    io = "device tensors" if backend == "tensorrt" else "numpy in/out"
+    notes = {c: f"{backend} ({manifest.precision} artifacts, {io})" for c in BENCH_COMPONENTS}
     return _Stages(pipe.vision, pipe.prefix, pipe.denoise, False, notes), cfg, manifest.precision
 
 
@@ -531,9 +532,12 @@ def run_benchmark(
             raise ConfigError(f"backend {backend!r} runs exported graphs and needs --artifacts OUT",
                               hint="export first: pi05-export onnx ... --out OUT, then pass --artifacts OUT")
         stages, cfg, dtype = _runtime_stages(backend, Path(artifacts))
-        torch_inp = bench_inputs(cfg, batch, seed)
-        inp: dict[str, Any] = {k: v.numpy() for k, v in torch_inp.items()}
-        grids: dict[int, list[Any]] = {n: [t.numpy() for t in time_grid(n, batch)] for n in steps_t}
+        if backend == "tensorrt" and cuda:  # engines chain on the device: no host copies in the timing
+            inp: dict[str, Any] = bench_inputs(cfg, batch, seed, dev)
+            grids: dict[int, list[Any]] = {n: [t.to(dev) for t in time_grid(n, batch)] for n in steps_t}
+        else:
+            inp = {k: v.numpy() for k, v in bench_inputs(cfg, batch, seed).items()}
+            grids = {n: [t.numpy() for t in time_grid(n, batch)] for n in steps_t}
         dtype_name = dtype
     else:
         if model is None:
