@@ -109,7 +109,8 @@ class GemmaModel(nn.Module):
         The last layer's attention output, MLP and the final norm are not needed for the cache and
         are skipped.
         """
-        positions = torch.cumsum(prefix_mask.to(torch.int64), dim=-1) - 1
+        # int32 position arithmetic: TensorRT's int64 support is limited; counts never exceed 2^31
+        positions = torch.cumsum(prefix_mask.to(torch.int32), dim=-1, dtype=torch.int32) - 1
         cos, sin = self.rope(positions)
         bias = mask_to_bias(prefix_mask[:, :, None] & prefix_mask[:, None, :])
         x = embeds.to(self.dtype)
@@ -126,9 +127,9 @@ class GemmaModel(nn.Module):
         self, embeds: torch.Tensor, cond: torch.Tensor, kv_cache: torch.Tensor, prefix_mask: torch.Tensor
     ) -> torch.Tensor:
         """Expert pass over the H suffix tokens attending the prefix cache -> final-norm hidden [B, H, W]."""
-        num_valid = prefix_mask.to(torch.int64).sum(-1, keepdim=True)  # [B, 1]
+        num_valid = prefix_mask.to(torch.int32).sum(-1, keepdim=True, dtype=torch.int32)  # [B, 1]
         h_len = embeds.shape[1]
-        positions = num_valid + torch.arange(h_len, device=embeds.device)[None, :]
+        positions = num_valid + torch.arange(h_len, dtype=torch.int32, device=embeds.device)[None, :]
         cos, sin = self.rope(positions)
         suffix_valid = torch.ones_like(embeds[:, :, 0], dtype=torch.bool)
         bias = mask_to_bias(torch.cat([prefix_mask, suffix_valid], dim=-1))[:, None, :]  # [B, 1, P+H]
