@@ -61,10 +61,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from pi05_export.checkpoint import resolve_model
+    from pi05_export.dtypes import graph_dtype
     from pi05_export.export import export_onnx
 
     out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-export-"))
-    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(args.precision, "float32")
+    dtype = graph_dtype(args.precision)
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
         sampler.phase = "init"

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pi05_export.config import Pi05Config
+from pi05_export.dtypes import PRECISIONS, torch_dtype
 from pi05_export.errors import ConfigError, DependencyError, HardwareError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 TORCH_BACKENDS = ("torch", "torch-compile", "torch-cudagraph", "torch-compile-cudagraph")
 RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")
 BACKENDS = TORCH_BACKENDS + RUNTIME_BACKENDS
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = PRECISIONS
 BENCH_COMPONENTS = ("vision", "llm", "denoise")
 DEFAULT_STEPS = (1, 2, 3, 5, 10)
 VALID_TOKEN_FRACTION = 0.6  # 120 of 200 tokens at full size
@@ -164,28 +165,20 @@ def load_bench_model(
     :func:`pi05_export.checkpoint.random_model`; the values differ from the host draw of the same seed.
     """
     from pi05_export.checkpoint import random_model, resolve_model
-    from pi05_export.components import dtype_name
     from pi05_export.model.pi05 import apply_dtype_policy
 
-    torch_dtype = _torch_dtype(dtype)
+    target = torch_dtype(dtype)
     dev = resolve_device(device)
     if checkpoint is None and random_init and (preset or config) and dev.type == "cuda":
         cfg = Pi05Config.from_file(config) if config is not None else Pi05Config.from_name(preset or "")
-        model = random_model(cfg, seed, dtype=dtype_name(torch_dtype), device=dev)
+        model = random_model(cfg, seed, dtype=dtype, device=dev)
         source = {"kind": "random", "preset": preset, "config_file": str(config) if config else None,
                   "seed": seed, "drawn_on": "cuda"}
     else:
         model, source = resolve_model(checkpoint, preset=preset, config=config, random_init=random_init, seed=seed,
                                       dtype=dtype)
-    apply_dtype_policy(model, torch_dtype)
+    apply_dtype_policy(model, target)
     return model.to(dev).eval(), source
-
-
-def _torch_dtype(dtype: str) -> torch.dtype:
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}") from None
 
 
 def bench_inputs(cfg: Pi05Config, batch: int, seed: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -229,7 +222,7 @@ def component_costs(cfg: Pi05Config, batch: int = 1, dtype: str = "bf16") -> dic
     from pi05_export.model.pi05 import Pi05Model, apply_dtype_policy
 
     with torch.device("meta"):
-        model = apply_dtype_policy(Pi05Model(cfg), _torch_dtype(dtype))
+        model = apply_dtype_policy(Pi05Model(cfg), torch_dtype(dtype))
     weight_bytes = {name: 0 for name in BENCH_COMPONENTS}
     for pname, p in model.named_parameters():
         for comp, prefixes in _WEIGHT_PREFIXES.items():
@@ -261,7 +254,7 @@ def measure_ceilings(device: torch.device, dtype: str = "bf16", *, matmul_n: int
     """Measured matmul rate (TFLOP/s, n^3 product on random data) and copy bandwidth (GB/s, read+write)."""
     cuda = device.type == "cuda"
     n = matmul_n or (8192 if cuda else 512)
-    tdtype = _torch_dtype(dtype) if cuda else torch.float32
+    tdtype = torch_dtype(dtype) if cuda else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     mm = _time_matmul(n, tdtype, device, gen)
     nbytes = copy_bytes or ((2 << 30) if cuda else (32 << 20))
@@ -547,7 +540,7 @@ def run_benchmark(
         from pi05_export.model.pi05 import apply_dtype_policy
 
         dtype_name = dtype
-        model = apply_dtype_policy(model, _torch_dtype(dtype)).to(dev).eval()
+        model = apply_dtype_policy(model, torch_dtype(dtype)).to(dev).eval()
         cfg = model.config
         inp = bench_inputs(cfg, batch, seed, dev)
         grids = {n: [t.to(dev) for t in time_grid(n, batch)] for n in steps_t}

@@ -27,6 +27,7 @@ from pi05_export.components import (
     component_specs,
     example_inputs,
 )
+from pi05_export.dtypes import PRECISIONS, graph_dtype
 from pi05_export.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 # Thor) and 11.x. Attention stays explicit MatMul/Softmax (no opset-23 `Attention` node, which
 # TensorRT parses only from 10.14), so one default serves both. NVFP4 graphs need opset 23.
 DEFAULT_OPSET = 19
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_SUBDIR = "onnx"
 MAX_DYNAMIC = 4096
 
@@ -137,7 +137,7 @@ def component_entry(path: Path, spec: ComponentSpec, seconds: float) -> dict[str
 
 def check_export_options(precision: str, opset: int) -> None:
     """Validate options before any (possibly minutes-long) model loading."""
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS:  # the short names only: they become the manifest's precision
         raise ConfigError(f"unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
     if not 17 <= opset <= 23:
         raise ConfigError(f"opset {opset} is not supported", hint="use an opset between 17 and 23 (default 19)")
@@ -170,7 +170,7 @@ def export_onnx(
     check_export_options(precision, opset)
     selected = parse_components(components)
     apply_dtype_policy(model, PRECISIONS[precision])
-    compute_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+    compute_dtype = graph_dtype(precision)
     manifest = Manifest(
         stage="onnx",
         config=model.config.to_dict(),

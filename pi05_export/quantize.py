@@ -38,6 +38,7 @@ from torch import nn
 from pi05_export import nvfp4
 from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_file, staging_dir
 from pi05_export.components import Component, component_specs, example_inputs
+from pi05_export.dtypes import graph_dtype
 from pi05_export.errors import ArtifactError, ConfigError, RecipeError
 from pi05_export.export import (
     DEFAULT_OPSET,
@@ -598,7 +599,7 @@ def quantize_model(
         seconds["lower"] = round(time.perf_counter() - start, 2)
     formats = resolved.quant_formats()
     opset = FP4_OPSET if "nvfp4" in formats else DEFAULT_OPSET
-    compute = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[recipe.base]
+    compute = graph_dtype(recipe.base)
     manifest = Manifest(stage="quantize", config=model.config.to_dict(), source=source, precision=recipe.base,
                         opset=opset, recipe=resolved.to_dict(), inputs=inputs)
     min_cc = max((MIN_COMPUTE_CAPABILITY[f] for f in formats), key=float, default=None)

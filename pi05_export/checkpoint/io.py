@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pi05_export.config import Pi05Config
+from pi05_export.dtypes import graph_dtype, torch_dtype
 from pi05_export.errors import ArtifactError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def load_checkpoint(
     """
     from pi05_export.model.pi05 import Pi05Model, policy_dtype
 
-    target = _torch_dtype(dtype)
+    target = torch_dtype(dtype)
     info = inspect_checkpoint(path, config)
     cfg = info.config
     expected = _expected_shapes(cfg)
@@ -287,15 +288,6 @@ def load_checkpoint(
     return model.eval(), info
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    try:
-        return table[name]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}", hint="use float32, bfloat16 or float16") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +314,7 @@ def save_checkpoint(
     cfg: Pi05Config = model.config
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
-        target = _torch_dtype(dtype)
+        target = torch_dtype(dtype)
         state = {k: v.to(target) for k, v in state.items()}
     if layout is Layout.openpi:
         state[LM_HEAD_KEY] = state.pop(EMBED_KEY)
@@ -359,7 +351,7 @@ def checkpoint_config_json(cfg: Pi05Config, layout: Layout | str, precision: str
         data: dict[str, Any] = {
             "action_dim": cfg.action_dim, "action_horizon": cfg.action_horizon,
             "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
-            "precision": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision],
+            "precision": graph_dtype(precision),
         }
     else:
         data = {
@@ -403,7 +395,7 @@ def random_model(config: Pi05Config | str, seed: int = 0, *, dtype: str = "float
     from pi05_export.model.pi05 import Pi05Model, policy_dtype
 
     cfg = Pi05Config.from_name(config) if isinstance(config, str) else config
-    target = _torch_dtype(dtype)
+    target = torch_dtype(dtype)
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):

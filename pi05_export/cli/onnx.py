@@ -35,12 +35,13 @@ def onnx(
     seed: SeedOpt = 0,
 ) -> None:
     """Export every component to ONNX with a manifest."""
+    from pi05_export.dtypes import graph_dtype
     from pi05_export.export import check_export_options, export_onnx, parse_components
 
     selected = parse_components(components)  # fail on a typo before loading anything
     check_export_options(precision, opset)
     # load straight into the export precision (a full-size fp32 copy would double peak memory)
-    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
+    dtype = graph_dtype(precision)
     model, source = load_model(checkpoint, preset, config, random_init, seed, dtype=dtype)
     with progress_bar("export", len(selected)) as progress:
         manifest = export_onnx(model, out, source=source, components=[c.value for c in selected],
