@@ -73,10 +73,6 @@ class ComponentSpec:
         return {d for t in (*self.inputs, *self.outputs) for d in t.shape if isinstance(d, str)}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _TORCH_DTYPES.items()}[dtype]
-
-
 # -- wrappers: explicit tensors in, explicit tensors out ----------------------------------------
 class _Wrapper(nn.Module):
     def __init__(self, model: nn.Module) -> None:
