@@ -63,19 +63,28 @@ def _check_writable_parent(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(out: str | Path, *, marker: str = MANIFEST_NAME, keep: Iterable[str] = ()) -> Iterator[Path]:
+def staging_dir(
+    out: str | Path,
+    *,
+    stage: str | None = None,
+    marker: str = MANIFEST_NAME,
+    marker_keys: tuple[str, ...] = ("schema_version", "pi05_export", "stage"),
+    keep: Iterable[str] = (),
+) -> Iterator[Path]:
     """Yield a fresh sibling temp dir; on success it replaces ``out`` whole, on failure it is removed.
 
-    An existing ``out`` is replaced only when it is empty or was written by this tool (it holds
-    ``marker``): ``--out`` pointing at a source checkpoint or any other folder is refused, never wiped.
-    ``keep`` names entries of the existing ``out`` that move into the new one (downstream artifacts a
-    stage does not own); they are moved back if the commit fails.
+    An existing ``out`` is replaced only when it is empty or was written by this same stage: its
+    ``marker`` must be JSON holding ``marker_keys`` (and, for manifests, ``"stage": stage``). So
+    ``--out`` pointing at a source checkpoint, another stage's output or any other folder is refused,
+    never wiped. ``keep`` names entries of the existing ``out`` that move into the new one (downstream
+    artifacts a stage does not own); they are moved back if the commit fails.
     """
     out = Path(out).absolute()
     _check_writable_parent(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+    if out.is_dir() and any(out.iterdir()) and not _written_by(out / marker, marker_keys, stage):
+        what = f"`pi05-export {stage}`" if stage else "this stage"
         raise ArtifactError(
-            f"refusing to replace {out}: it is not empty and was not written by this stage (no {marker})",
+            f"refusing to replace {out}: it is not empty and was not written by {what}",
             hint="choose a new or empty output directory",
         )
     token = uuid.uuid4().hex[:8]
@@ -101,6 +110,16 @@ def staging_dir(out: str | Path, *, marker: str = MANIFEST_NAME, keep: Iterable[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _written_by(marker: Path, keys: tuple[str, ...], stage: str | None) -> bool:
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or not all(k in data for k in keys):
+        return False
+    return stage is None or data.get("stage") == stage
 
 
 def sha256_graph(path: str | Path) -> str:

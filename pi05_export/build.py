@@ -529,7 +529,7 @@ def build_engines(
                "settings": settings_dict(plan.settings, plan.timing_cache)},
         tools={**tool_versions(), "tensorrt": trt_version},
     )
-    with staging_dir(plan.engine_dir, keep=keep_files) as tmp:
+    with staging_dir(plan.engine_dir, stage="build", keep=keep_files) as tmp:
         for i, engine in enumerate(plan.engines):
             if progress:
                 progress(engine.component, i, len(plan.engines))

@@ -117,7 +117,7 @@ def write_calibration_set(observations: Sequence[Observation], out_dir: str | Pa
                for o in observations for i in range(o.batch)]
     if not samples:
         raise InputError("no calibration samples given", hint="pass at least one observation .npz")
-    with staging_dir(out_dir, marker=META_NAME) as tmp:
+    with staging_dir(out_dir, marker=META_NAME, marker_keys=("format", "samples")) as tmp:
         for i, s in enumerate(samples):
             import io
 

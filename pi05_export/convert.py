@@ -635,7 +635,7 @@ def convert_checkpoint(
              len(plan), sum(math.prod(p.shape) for p in plan if p.key != EXPERT_LM_HEAD_KEY) / 1e6, precision)
 
     context = ocp.type_handlers.get_ts_context(use_ocdbt=src.use_ocdbt)
-    with staging_dir(out_dir) as tmp:
+    with staging_dir(out_dir, stage="convert") as tmp:
         writer = _SafetensorsStream(tmp, plan, max_shard_bytes)
         done = 0
         for path, rules in order:

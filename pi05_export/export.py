@@ -28,7 +28,7 @@ from pi05_export.components import (
     example_inputs,
 )
 from pi05_export.dtypes import PRECISIONS, graph_dtype
-from pi05_export.errors import ConfigError
+from pi05_export.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ def check_export_options(precision: str, opset: int) -> None:
 
 def _downstream_entries(out: Path) -> list[str]:
     """What later stages wrote into a previous export (recipes, engines, reports): kept, not deleted."""
-    if not (out / MANIFEST_NAME).is_file():
+    try:
+        Manifest.read(out, stage="onnx")
+    except ArtifactError:  # no previous export here (staging_dir decides whether out may be replaced)
         return []
     return sorted(p.name for p in out.iterdir() if p.name not in (ONNX_SUBDIR, MANIFEST_NAME))
 
@@ -183,7 +185,7 @@ def export_onnx(
         log.warning("keeping %s from the previous export in %s: they were made from the previous graphs; "
                     "re-run quantize/build/validate (build and the TensorRT runtime refuse engines of other graphs)",
                     ", ".join(downstream), out_dir)
-    with staging_dir(out_dir, keep=downstream) as tmp:
+    with staging_dir(out_dir, stage="onnx", keep=downstream) as tmp:
         (tmp / ONNX_SUBDIR).mkdir()
         for i, comp in enumerate(selected):
             if progress:

@@ -612,7 +612,7 @@ def quantize_model(
     })
     dest = out / recipe.name
     model.cpu()
-    with staging_dir(dest) as tmp:
+    with staging_dir(dest, stage="quantize") as tmp:
         (tmp / ONNX_SUBDIR).mkdir()
         done: set[Component] = set()
         for i, comp in enumerate(selected):

@@ -168,7 +168,6 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
     row, gates = thresholds_for(manifest.precision, formats)
     cfg = model.config
     reference = pipeline_for_model(model)
-    target = open_pipeline(backend, artifacts, engines=engines)
     obs = load_observation(inputs, cfg) if inputs else random_observation(cfg, batch=batch, seed=seed)
     obs = obs.with_noise(cfg, seed)
     report = Report(
@@ -177,16 +176,16 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
         environment={"tools": tool_versions(), "platform": platform.platform(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                      "steps": list(steps), "batch": obs.batch, "seed": seed, "inputs": str(inputs) if inputs else "random"},
     )
-    comps = [c for c in Component if c.value in manifest.components]
-    total = len(comps) + len(steps)
-    feeds = record_component_inputs(reference, obs, max(steps), seed)
-
     with contextlib.ExitStack() as stack:
-        stack.callback(target.close)
         if write_report:  # replace OUT/reports only with a complete new report
-            tmp = stack.enter_context(staging_dir(artifacts / REPORTS, marker="validation.json"))
+            tmp = stack.enter_context(staging_dir(artifacts / REPORTS, marker="validation.json", marker_keys=("checks", "status")))
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pi05-validate-")))
+        target = open_pipeline(backend, artifacts, engines=engines)
+        stack.callback(target.close)
+        comps = [c for c in Component if c in target.specs]  # what this backend has (engines: what was built)
+        total = len(comps) + len(steps)
+        feeds = record_component_inputs(reference, obs, max(steps), seed)
         for i, comp in enumerate(comps):
             if progress:
                 progress(comp.value, i, total)

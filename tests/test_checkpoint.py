@@ -118,3 +118,17 @@ def test_bad_config_dims(tiny_model, tmp_path):
     bad.write_text(json.dumps({"vision": {"widht": 3}}))
     with pytest.raises(ConfigError, match="unknown key.*widht"):
         load_checkpoint(tmp_path / "ck", bad)
+
+
+def test_save_refuses_a_foreign_checkpoint_dir(tiny_model, tmp_path):
+    from pi05_export.errors import ArtifactError
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "paligemma"}')
+    (hf / "model-00001-of-00003.safetensors").write_bytes(b"weights")
+    with pytest.raises(ArtifactError, match="refusing to replace"):
+        save_checkpoint(tiny_model, hf, "openpi")
+    assert (hf / "model-00001-of-00003.safetensors").read_bytes() == b"weights"
+    save_checkpoint(tiny_model, tmp_path / "ours", "openpi")
+    save_checkpoint(tiny_model, tmp_path / "ours", "lerobot")  # our own output may be replaced

@@ -163,3 +163,13 @@ def test_graph_hash_covers_external_weights(tmp_path):
         m = export_onnx(random_model("tiny", seed=seed), tmp_path / f"s{seed}", source={"kind": "random"}, components="projections")
         hashes.append(m.components["projections"]["sha256"])
     assert hashes[0] != hashes[1]
+
+
+def test_refuses_a_directory_with_someone_elses_manifest(tmp_path, capsys):
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "manifest.json").write_text('{"name": "app"}')
+    (d / "precious.bin").write_bytes(b"x")
+    assert run(["onnx", "--preset", "tiny", "--random-init", "--out", str(d), "--components", "projections"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (d / "manifest.json").read_text() == '{"name": "app"}' and (d / "precious.bin").exists()

@@ -327,7 +327,7 @@ def save_checkpoint(
     config_json = checkpoint_config_json(cfg, layout, {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(big, "fp32"))
 
     shards = _shard(state, max_shard_bytes)
-    with staging_dir(out_dir, marker=CONFIG_NAME) as tmp:
+    with staging_dir(out_dir, marker=CONFIG_NAME, marker_keys=(OUR_CONFIG_KEY,)) as tmp:
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         else:

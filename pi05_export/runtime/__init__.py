@@ -89,7 +89,8 @@ class Pipeline:
         """The same step through the separate graphs: projections (action_in + time MLP) -> expert ->
         projections (action_out). The projections graph holds both halves, so it runs twice; the
         first run's v_t (from a zero hidden state) is unused."""
-        zeros = np.zeros((*x_t.shape[:2], self.config.expert.width), np.float32)
+        shape = (*x_t.shape[:2], self.config.expert.width)
+        zeros = x_t.new_zeros(shape) if hasattr(x_t, "new_zeros") else np.zeros(shape, np.float32)  # torch or numpy
         proj = self.backend.run(Component.projections, {"x_t": x_t, "t": t, "suffix_hidden": zeros})
         hidden = self._run(Component.expert, {"suffix_embeds": proj["suffix_embeds"], "adarms_cond": proj["adarms_cond"],
                                               "kv_cache": kv_cache, "prefix_mask": prefix_mask})["suffix_hidden"]
@@ -165,6 +166,7 @@ def open_pipeline(
             hint=f"rebuild them: {build_cmd}",
         )
     paths = {Component(n): engine_dir / e["path"] for n, e in engine_manifest.components.items()}
+    specs = {c: s for c, s in specs.items() if c in paths}  # only what was built (e.g. no fused denoise)
     return Pipeline(TensorRTBackend(paths, specs), cfg, specs)
 
 
@@ -174,5 +176,7 @@ def _engine_location(artifacts: Path, manifest: Manifest, engines: str | None) -
         name = engines or artifacts.name
         return artifacts.parent / "engines" / name, f"pi05-export build {artifacts.parent} --recipe {artifacts.name}"
     name = engines or manifest.precision
-    flag = f"--{manifest.precision}" if manifest.precision in ("fp16", "bf16") else "--fp16 (from fp16 graphs)"
-    return artifacts / "engines" / name, f"pi05-export build {artifacts} {flag}"
+    if manifest.precision not in ("fp16", "bf16"):
+        return artifacts / "engines" / name, (f"{manifest.precision} graphs are not built into engines: export with "
+                                              "--precision fp16|bf16 (or quantize) and build those")
+    return artifacts / "engines" / name, f"pi05-export build {artifacts} --{manifest.precision}"
