@@ -173,3 +173,21 @@ def test_refuses_a_directory_with_someone_elses_manifest(tmp_path, capsys):
     assert run(["onnx", "--preset", "tiny", "--random-init", "--out", str(d), "--components", "projections"]) == 2
     assert "refusing to replace" in capsys.readouterr().err
     assert (d / "manifest.json").read_text() == '{"name": "app"}' and (d / "precious.bin").exists()
+
+
+def test_bf16_emulation_rounds_bf16_inputs_like_an_engine(tiny_model, tiny_export):
+    """A bf16 engine input rounds its fp32 feed to bf16; the ONNX Runtime emulation copy must too."""
+    import torch
+
+    from pi05_export.runtime import specs_from_manifest
+
+    out = tiny_export("bf16")
+    manifest = Manifest.read(out)
+    specs = specs_from_manifest(manifest)
+    backend = OnnxRuntimeBackend({Component.expert: out / manifest.components["expert"]["path"]}, specs, emulate_bf16=True)
+    feed = _feeds(tiny_model.config, specs[Component.expert], batch=2, seed=5)
+    feed["kv_cache"] = feed["kv_cache"] * 1.001  # values between bf16 steps
+    rounded = dict(feed, kv_cache=torch.from_numpy(feed["kv_cache"]).to(torch.bfloat16).float().numpy())
+    assert not np.array_equal(rounded["kv_cache"], feed["kv_cache"])
+    a, b = backend.run(Component.expert, feed), backend.run(Component.expert, rounded)
+    assert np.array_equal(a["suffix_hidden"], b["suffix_hidden"])
