@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
 
-from pi05_export.cli import bench as _bench  # noqa: F401
-from pi05_export.cli import build as _build  # noqa: F401
-from pi05_export.cli import convert as _convert  # noqa: F401
-from pi05_export.cli import infer as _infer  # noqa: F401
-from pi05_export.cli import info as _info  # noqa: F401  (registers commands)
-from pi05_export.cli import onnx as _onnx  # noqa: F401
-from pi05_export.cli import quantize as _quantize  # noqa: F401
-from pi05_export.cli import validate as _validate  # noqa: F401
 from pi05_export.cli._app import app, err_console
 from pi05_export.errors import Pi05ExportError
+
+# Commands register on import, one module each; this order (the pipeline's) is the order `--help` lists them in.
+for _command_module in ("convert", "info", "onnx", "quantize", "build", "validate", "infer", "bench"):
+    importlib.import_module(f"pi05_export.cli.{_command_module}")
 
 USAGE_EXIT = 2
 

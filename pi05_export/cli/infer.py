@@ -33,7 +33,7 @@ def infer(
     random_init: RandomInitOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
-    """Sample actions for an observation file and write ``actions`` [B, horizon, action_dim]."""
+    """Sample actions for an observation .npz and write 'actions' [B, horizon, action_dim] (model or artifacts)."""
     from pi05_export.infer import infer_actions
     from pi05_export.observation import save_npz
 
