@@ -160,24 +160,13 @@ def load_bench_model(
 ) -> tuple[Any, dict[str, Any]]:
     """The model for a torch backend, on ``device`` under openpi's dtype policy for ``dtype``.
 
-    Random weights for a CUDA device are drawn on the device (3.35 B parameters initialise in about a
-    second there instead of minutes on the host), with the scaling rule of
-    :func:`pi05_export.checkpoint.random_model`; the values differ from the host draw of the same seed.
+    Random weights are drawn on ``device`` itself (see :func:`pi05_export.checkpoint.resolve_model`).
     """
-    from pi05_export.checkpoint import random_model, resolve_model
-    from pi05_export.model.pi05 import apply_dtype_policy
+    from pi05_export.checkpoint import resolve_model
 
-    target = torch_dtype(dtype)
     dev = resolve_device(device)
-    if checkpoint is None and random_init and (preset or config) and dev.type == "cuda":
-        cfg = Pi05Config.from_file(config) if config is not None else Pi05Config.from_name(preset or "")
-        model = random_model(cfg, seed, dtype=dtype, device=dev)
-        source = {"kind": "random", "preset": preset, "config_file": str(config) if config else None,
-                  "seed": seed, "drawn_on": "cuda"}
-    else:
-        model, source = resolve_model(checkpoint, preset=preset, config=config, random_init=random_init, seed=seed,
-                                      dtype=dtype)
-    apply_dtype_policy(model, target)
+    model, source = resolve_model(checkpoint, preset=preset, config=config, random_init=random_init, seed=seed,
+                                  dtype=dtype, device=dev)
     return model.to(dev).eval(), source
 
 
