@@ -1,0 +1,388 @@
+"""The policy: a robot's raw observation in, robot actions out (openpi ``Policy.infer``).
+
+``preprocess`` and ``postprocess`` are plain functions of (observation, profile, norm stats,
+tokenizer, config), so they can be tested and compared without a model; :class:`Policy` joins them
+to a :class:`~pi05_export.policy.runners.ModelRunner` (torch, ONNX Runtime or TensorRT).
+
+The order is openpi's (``policies/policy_config.py`` L75-89, ``policy.py`` L67-106; spec 2.3):
+inputs: default prompt -> robot mapping (cameras to slots, state assembly, ALOHA adapt) ->
+quantile-normalize the state (float64) -> resize-with-pad every slot -> tokenize (state in the
+prompt at its raw dimension) -> model; outputs: un-normalize actions (first d dims) -> absolute
+actions (delta mask + state) -> robot output transform -> first ``action_dim`` dims, float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pi05_export.config import Pi05Config
+from pi05_export.errors import ConfigError, InputError
+from pi05_export.policy.images import parse_image, resize_with_pad, to_pixels
+from pi05_export.policy.normalize import NormStats, check_finite, find_norm_stats, load_norm_stats
+from pi05_export.policy.profiles import ADAPTERS, KeyPath, RobotProfile, key_name, load_profile
+from pi05_export.policy.runners import ARTIFACT_BACKENDS, POLICY_BACKENDS, TORCH_BACKENDS, ModelRunner
+from pi05_export.policy.tokenizer import PromptTokenizer, check_vocab, find_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicyInputs:
+    """One observation after preprocessing (what the model sees, plus what postprocessing needs)."""
+
+    images: np.ndarray  # float32 [V, 3, S, S] in [-1, 1]
+    image_mask: np.ndarray  # bool [V]
+    tokens: np.ndarray  # int64 [L]
+    token_mask: np.ndarray  # bool [L]
+    state: np.ndarray  # float64 [d], model space (after the robot's adapt), not normalized
+    state_norm: np.ndarray  # float64 [d], normalized (what the prompt bins)
+    prompt: str
+    tokens_cut: int = 0
+
+    def model_arrays(self) -> dict[str, np.ndarray]:
+        """Batch-1 arrays in the observation ``.npz`` contract (README 'Observation files')."""
+        return {"images": self.images[None], "image_mask": self.image_mask[None], "tokens": self.tokens[None],
+                "token_mask": self.token_mask[None]}
+
+
+def _missing(profile: RobotProfile, key: KeyPath) -> InputError:
+    return InputError(f"missing key '{key_name(key)}' for robot {profile.name}",
+                      hint=f"robot {profile.name} sends: {', '.join(profile.expected_keys)}")
+
+
+def _lookup(obs: Mapping[str, Any], key: KeyPath) -> Any:
+    node: Any = obs
+    for part in key:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _prompt(obs: Mapping[str, Any], default: str | None, profile: RobotProfile) -> str:
+    value = obs.get("prompt")
+    if value is None:
+        value = default
+    if value is None:
+        raise InputError(f"missing key 'prompt' for robot {profile.name}",
+                         hint="send a 'prompt' string, or start with --default-prompt TEXT")
+    if isinstance(value, np.ndarray) and value.ndim == 0:  # openpi's InjectDefaultPrompt stores np.asarray(str)
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError("'prompt' bytes are not UTF-8", hint="send the prompt as a string") from None
+    if not isinstance(value, str):
+        raise InputError(f"'prompt' is a {type(value).__name__}, not a string", hint="send the prompt as a string")
+    return value
+
+
+def _state(obs: Mapping[str, Any], profile: RobotProfile) -> np.ndarray:
+    parts = []
+    for key in profile.state:
+        value = _lookup(obs, key)
+        if value is None:
+            raise _missing(profile, key)
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fiu" or arr.ndim > 1:
+            raise InputError(f"'{key_name(key)}' has dtype {arr.dtype} and shape {list(arr.shape)}; expected a 1-D float array",
+                             hint="send the state as a numpy float array")
+        parts.append(np.atleast_1d(arr).astype(np.float64))  # DROID: a 0-d gripper becomes [1] (droid_policy L36-39)
+    state = np.concatenate(parts)
+    check_finite(f"state ({', '.join(key_name(k) for k in profile.state)})", state)
+    if profile.state_dim is not None and state.shape[0] != profile.state_dim:
+        raise InputError(f"state has {state.shape[0]} values, robot {profile.name} expects {profile.state_dim}",
+                         hint=f"send {', '.join(key_name(k) for k in profile.state)} with {profile.state_dim} values in all")
+    if profile.adapt:
+        state = ADAPTERS[profile.adapt][0](state)
+    return state
+
+
+def preprocess(obs: Mapping[str, Any], *, profile: RobotProfile, norm_stats: NormStats, tokenizer: PromptTokenizer,
+               config: Pi05Config, default_prompt: str | None = None) -> PolicyInputs:
+    """A robot's observation dict -> :class:`PolicyInputs` (one observation, no batch axis).
+
+    ``obs`` holds the profile's keys: uint8 frames of any size (HWC, or CHW / float [0, 1] as openpi
+    accepts), the state, and ``prompt`` (else ``default_prompt``, else the profile's). Raises
+    :class:`InputError` naming the key or camera for anything missing or malformed, and for NaN/inf.
+    """
+    if not isinstance(obs, Mapping):
+        raise InputError(f"an observation must be a dict, got {type(obs).__name__}", hint=f"send a dict with {', '.join(profile.expected_keys)}")
+    for group, names in profile.allowed_keys.items():
+        sub = obs.get(group)
+        if sub is not None:
+            if not isinstance(sub, Mapping):
+                raise InputError(f"'{group}' must be a dict, got {type(sub).__name__}", hint=f"keys allowed: {', '.join(names)}")
+            extra = sorted(set(sub) - set(names))
+            if extra:
+                raise InputError(f"unexpected key(s) {', '.join(map(str, extra))} in '{group}' for robot {profile.name}",
+                                 hint=f"allowed: {', '.join(names)}")
+    size = config.vision.image_size
+    images = np.zeros((config.num_views, 3, size, size), np.float32)
+    image_mask = np.zeros(config.num_views, bool)
+    black = to_pixels(np.zeros((size, size, 3), np.uint8))
+    for i, cam in enumerate(profile.cameras):
+        value = _lookup(obs, cam.key) if cam.key else None
+        if value is None:
+            if cam.key and not cam.optional:
+                raise _missing(profile, cam.key)
+            images[i] = black
+            continue
+        frame = parse_image(value, key_name(cam.key) if cam.key else cam.slot, profile.image_layout)
+        images[i] = to_pixels(resize_with_pad(frame, size, size))
+        image_mask[i] = True
+    state = _state(obs, profile)
+    if state.shape[0] > config.action_dim:
+        raise InputError(f"state has {state.shape[0]} values, more than the model's {config.action_dim}", hint="check the robot profile")
+    state_norm = norm_stats.state.normalize(state) if norm_stats.state else state
+    prompt = _prompt(obs, default_prompt or profile.default_prompt, profile)
+    tokens, token_mask, cut = tokenizer.tokenize(prompt, state_norm if profile.state_in_prompt else None, config.max_token_len)
+    return PolicyInputs(images, image_mask, tokens, token_mask, state, state_norm, prompt, cut)
+
+
+def postprocess(actions: np.ndarray, inputs: PolicyInputs, *, profile: RobotProfile, norm_stats: NormStats) -> np.ndarray:
+    """Normalized model actions float32 [H, A] -> robot actions float64 [H, profile.action_dim].
+
+    openpi's output chain: ``Unnormalize`` (first d dims, float64) -> ``AbsoluteActions`` (dims in the
+    delta mask get the state added; the state is the model's float32 normalized state un-normalized
+    again, as openpi carries it) -> the robot's output transform (ALOHA flips and grippers) -> slice.
+    """
+    out = norm_stats.actions.unnormalize(actions) if norm_stats.actions else np.asarray(actions, np.float64)
+    if profile.delta_action_mask is not None:
+        carried = inputs.state_norm.astype(np.float32)  # Observation.state is float32 (model.py)
+        state = norm_stats.state.unnormalize(carried) if norm_stats.state else carried.astype(np.float64)
+        n = len(profile.delta_action_mask)
+        state = np.pad(state, (0, max(0, n - state.shape[0])))[:n]
+        out = out.copy()
+        out[..., :n] += np.where(np.asarray(profile.delta_action_mask), state, 0.0)
+    if profile.adapt:
+        out = ADAPTERS[profile.adapt][1](out)
+    return np.ascontiguousarray(out[..., : profile.action_dim])
+
+
+class Policy:
+    """``Policy.infer(obs) -> {"actions": float64 [H, robot_action_dim], "policy_timing": {...}}``.
+
+    ``policy_timing``: ``infer_ms`` = model time, inputs uploaded to the actions back on the host
+    (GPU work finished); ``preprocess_ms`` and ``postprocess_ms`` the host-side transforms. Noise is
+    fresh N(0, 1) per observation from a generator seeded with ``seed`` (or pass ``noise``).
+    """
+
+    def __init__(self, runner: ModelRunner, profile: RobotProfile, norm_stats: NormStats, tokenizer: PromptTokenizer,
+                 *, default_prompt: str | None = None, num_steps: int | None = None, seed: int = 0) -> None:
+        self.runner, self.profile, self.norm_stats, self.tokenizer = runner, profile, norm_stats, tokenizer
+        self.config: Pi05Config = runner.config
+        self.default_prompt = default_prompt
+        self.num_steps = num_steps or self.config.num_steps
+        self._rng = np.random.default_rng(seed)
+        cfg = self.config
+        check_vocab(tokenizer, cfg.llm.vocab_size)
+        if len(profile.cameras) != cfg.num_views:
+            raise ConfigError(f"robot {profile.name} has {len(profile.cameras)} camera slots, the model {cfg.num_views} views",
+                              hint="list one camera entry per model view in the profile")
+        if profile.action_dim > cfg.action_dim:
+            raise ConfigError(f"robot {profile.name} wants {profile.action_dim} action dims, the model has {cfg.action_dim}",
+                              hint="fix action_dim in the robot profile")
+        if profile.action_horizon is not None and profile.action_horizon != cfg.action_horizon:
+            log.warning("robot %s is trained with action_horizon %d in openpi, this model has %d: chunks have %d steps",
+                        profile.name, profile.action_horizon, cfg.action_horizon, cfg.action_horizon)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What the server sends on connect (openpi ``policy_metadata``; ALOHA: ``reset_pose``)."""
+        return dict(self.profile.metadata)
+
+    def preprocess(self, obs: Mapping[str, Any]) -> PolicyInputs:
+        return preprocess(obs, profile=self.profile, norm_stats=self.norm_stats, tokenizer=self.tokenizer,
+                          config=self.config, default_prompt=self.default_prompt)
+
+    def postprocess(self, actions: np.ndarray, inputs: PolicyInputs) -> np.ndarray:
+        return postprocess(actions, inputs, profile=self.profile, norm_stats=self.norm_stats)
+
+    def draw_noise(self, batch: int) -> np.ndarray:
+        cfg = self.config
+        return self._rng.standard_normal((batch, cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+
+    def sample(self, inputs: Sequence[PolicyInputs], noise: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """Normalized actions float32 [B, H, A] for preprocessed inputs (one model call per
+        ``runner.max_batch``) and the model time in ms."""
+        cfg = self.config
+        if noise is None:
+            noise = self.draw_noise(len(inputs))
+        noise = np.asarray(noise, np.float32)
+        if noise.shape != (len(inputs), cfg.action_horizon, cfg.action_dim):
+            raise InputError(f"noise has shape {list(noise.shape)}, expected {[len(inputs), cfg.action_horizon, cfg.action_dim]}",
+                             hint="pass noise [B, horizon, action_dim] float32")
+        check_finite("noise", noise)
+        outs, total = [], 0.0
+        for start in range(0, len(inputs), self.runner.max_batch):
+            chunk = inputs[start : start + self.runner.max_batch]
+            actions, ms = self.runner.sample(
+                np.stack([i.images for i in chunk]), np.stack([i.image_mask for i in chunk]),
+                np.stack([i.tokens for i in chunk]), np.stack([i.token_mask for i in chunk]),
+                noise[start : start + len(chunk)], self.num_steps)
+            outs.append(actions)
+            total += ms
+        return np.concatenate(outs), total
+
+    def infer_batch(self, observations: Sequence[Mapping[str, Any]], noise: np.ndarray | None = None) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        inputs = [self.preprocess(o) for o in observations]
+        pre_ms = (time.perf_counter() - t0) * 1e3
+        actions, infer_ms = self.sample(inputs, noise)
+        results = []
+        for a, inp in zip(actions, inputs, strict=True):
+            t1 = time.perf_counter()
+            robot = self.postprocess(a, inp)
+            results.append({"actions": robot, "policy_timing": {
+                "infer_ms": infer_ms, "preprocess_ms": pre_ms / len(inputs), "postprocess_ms": (time.perf_counter() - t1) * 1e3}})
+        return results
+
+    def infer(self, obs: Mapping[str, Any], *, noise: np.ndarray | None = None) -> dict[str, Any]:
+        """One observation (the profile's keys) -> ``{"actions", "policy_timing"}`` (openpi's keys).
+
+        ``noise``: optional float32 [horizon, action_dim]. Raises :class:`InputError` for a bad observation.
+        """
+        return self.infer_batch([obs], None if noise is None else np.asarray(noise)[None])[0]
+
+    def warmup(self) -> float:
+        """One model call at the runner's batch on black images and a BOS-only prompt; returns ms."""
+        cfg, b = self.config, self.runner.max_batch
+        size = cfg.vision.image_size
+        images = np.full((b, cfg.num_views, 3, size, size), -1.0, np.float32)
+        tokens = np.zeros((b, cfg.max_token_len), np.int64)
+        tokens[:, 0] = self.tokenizer.bos_id
+        mask = tokens > 0
+        noise = np.zeros((b, cfg.action_horizon, cfg.action_dim), np.float32)
+        return self.runner.sample(images, np.ones((b, cfg.num_views), bool), tokens, mask, noise, self.num_steps)[1]
+
+    def describe(self) -> dict[str, Any]:
+        return {"robot": self.profile.name, "backend": self.runner.backend, "device": self.runner.device,
+                "max_batch": self.runner.max_batch, "num_steps": self.num_steps, "action_horizon": self.config.action_horizon,
+                "tokenizer": str(self.tokenizer.path), "norm_stats": self.norm_stats.describe()}
+
+
+def _is_export_dir(path: Path) -> bool:
+    from pi05_export.artifacts import MANIFEST_NAME
+
+    return path.is_dir() and (path / MANIFEST_NAME).is_file()
+
+
+def load_policy(
+    artifacts: str | Path | None,
+    *,
+    robot: str | Path | RobotProfile,
+    backend: str | None = None,
+    tokenizer: str | Path | None = None,
+    norm_stats: str | Path | NormStats | None = None,
+    default_prompt: str | None = None,
+    num_steps: int | None = None,
+    seed: int = 0,
+    max_batch: int = 1,
+    engines: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    model: Any = None,
+) -> Policy:
+    """A :class:`Policy` over a PyTorch checkpoint (``torch*`` backends), an export directory
+    (``onnxruntime``; ``torch`` runs its reference model) or its engines (``tensorrt``).
+
+    Norm stats and the tokenizer are looked up in the checkpoint (``assets/<asset_id>/``), the
+    export directory and the checkpoint it was exported from, unless given. ``model`` (a
+    :class:`Pi05Model`) replaces loading weights (tests, random-weight presets). Raises
+    :class:`ConfigError` / :class:`InputError` / :class:`ArtifactError` with the fix.
+    """
+    from pi05_export.policy.runners import PipelineRunner, TorchRunner
+
+    profile = robot if isinstance(robot, RobotProfile) else load_profile(robot)
+    path = Path(artifacts) if artifacts is not None else None
+    export = path is not None and _is_export_dir(path)
+    backend = backend or ("onnxruntime" if export else "torch")
+    if backend not in POLICY_BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(POLICY_BACKENDS)}")
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}", hint="pass --max-batch 1 (no batching) or more")
+    roots: list[Path] = []
+    if path is not None:
+        roots.append(path if path.is_dir() else path.parent)
+    runner: ModelRunner
+    if backend in ARTIFACT_BACKENDS:
+        if not export:
+            raise ConfigError(f"--backend {backend} runs exported graphs; {path} is not an export directory",
+                              hint=f"export first: pi05-export onnx {path} --out OUT, then pass OUT")
+        assert path is not None
+        roots += _source_roots(path)
+        runner = PipelineRunner(backend, path, engines=engines, max_batch=max_batch)
+    else:
+        if model is None:
+            model = _torch_model(path, export, device, dtype)
+        elif device or dtype:
+            model = _place(model, device, dtype)
+        if export:
+            assert path is not None
+            roots += _source_roots(path)
+        runner = TorchRunner(model, backend, max_batch=max_batch)
+    stats = norm_stats if isinstance(norm_stats, NormStats) else (
+        load_norm_stats(norm_stats) if norm_stats is not None else find_norm_stats(roots, profile.asset_id))
+    tok = PromptTokenizer(find_tokenizer(tokenizer, roots))
+    return Policy(runner, profile, stats, tok, default_prompt=default_prompt, num_steps=num_steps, seed=seed)
+
+
+def _source_roots(export_dir: Path) -> list[Path]:
+    """The checkpoint an export came from (its manifest's source), and the export above a quantized set."""
+    from pi05_export.artifacts import Manifest
+
+    manifest = Manifest.read(export_dir)
+    roots = []
+    src = (manifest.source or {}).get("path")
+    if src:
+        p = Path(src)
+        roots.append(p if p.is_dir() else p.parent)
+    if manifest.stage == "quantize":
+        roots.append(export_dir.parent)
+    return roots
+
+
+def _default_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _place(model: Any, device: str | None, dtype: str | None) -> Any:
+    from pi05_export.dtypes import torch_dtype
+    from pi05_export.model.pi05 import apply_dtype_policy
+
+    model = model.to(_default_device(device))
+    if dtype:
+        apply_dtype_policy(model, torch_dtype(dtype))
+    return model.eval()
+
+
+def _torch_model(path: Path | None, export: bool, device: str | None, dtype: str | None) -> Any:
+    """The checkpoint's model on ``device`` (default: CUDA when present), under openpi's dtype policy
+    (default bf16 on a GPU, fp32 on the CPU)."""
+    from pi05_export.checkpoint import load_checkpoint, reference_model
+
+    if path is None:
+        raise ConfigError("no model given", hint="pass a checkpoint directory (or an export directory)")
+    dev = _default_device(device)
+    dt = dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
+    if export:
+        from pi05_export.artifacts import Manifest
+
+        model = reference_model(Manifest.read(path).source or {})
+        return _place(model, dev, dt if dt != "float32" else None)
+    model, _ = load_checkpoint(path, dtype=dt)
+    return model.to(dev).eval()
+
+
+__all__ = ["Policy", "PolicyInputs", "load_policy", "postprocess", "preprocess", "TORCH_BACKENDS"]

@@ -1,0 +1,149 @@
+"""Model runners for the policy: batched model inputs in, normalized actions out, per backend.
+
+Every runner takes host arrays (images float32 [B, V, 3, S, S] in [-1, 1], image_mask bool [B, V],
+tokens int64 [B, L], token_mask bool [B, L], noise float32 [B, H, A]) and returns actions float32
+[B, H, A] plus the model time in ms. On a GPU the inputs go to the device once, vision -> prefix ->
+KV cache -> every Euler step stay on the device, and only the actions come back; the copy back
+synchronizes, so the time is GPU work finished (not dispatch, unlike openpi's ``infer_ms``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pi05_export.config import Pi05Config
+from pi05_export.errors import ConfigError, HardwareError
+
+log = logging.getLogger(__name__)
+
+TORCH_BACKENDS = ("torch", "torch-compile", "torch-cudagraph", "torch-compile-cudagraph")
+ARTIFACT_BACKENDS = ("onnxruntime", "tensorrt")
+POLICY_BACKENDS = TORCH_BACKENDS + ARTIFACT_BACKENDS
+
+
+class ModelRunner(Protocol):
+    backend: str
+    config: Pi05Config
+    device: str
+    #: the largest batch one call takes (requests beyond it are split by the caller)
+    max_batch: int
+
+    def sample(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
+               noise: np.ndarray, steps: int) -> tuple[np.ndarray, float]: ...
+
+
+class TorchRunner:
+    """The PyTorch model on one device: eager, or (``torch-compile``/``-cudagraph`` backends) the
+    stages of :mod:`pi05_export.bench` compiled and/or captured in CUDA graphs at a static batch of
+    ``max_batch`` (smaller batches are padded by repeating the last row, then sliced)."""
+
+    def __init__(self, model: Any, backend: str = "torch", *, max_batch: int = 1) -> None:
+        import torch
+
+        if backend not in TORCH_BACKENDS:
+            raise ConfigError(f"unknown torch backend {backend!r}", hint=f"use one of: {', '.join(TORCH_BACKENDS)}")
+        self.model, self.backend, self.max_batch = model, backend, max_batch
+        self.config: Pi05Config = model.config
+        self._device = next(model.parameters()).device
+        self.device = str(self._device)
+        self._cuda = self._device.type == "cuda"
+        if backend.endswith("cudagraph") and not self._cuda:
+            raise HardwareError(f"backend {backend!r} needs a CUDA GPU", hint="use --backend torch on the CPU")
+        self._stages = None
+        self._grids: dict[int, list[Any]] = {}
+        if backend != "torch":
+            from pi05_export.bench import _torch_stages, bench_inputs
+
+            self._static = bench_inputs(self.config, max_batch, seed=0, device=self._device)
+            self._stages = _torch_stages(model, backend, self._static, self._cuda)
+            log.info("%s stages: %s", backend, self._stages.notes)
+        self._torch = torch
+
+    def _to_device(self, arr: np.ndarray) -> Any:
+        return self._torch.from_numpy(np.ascontiguousarray(arr)).to(self._device, non_blocking=True)
+
+    def sample(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
+               noise: np.ndarray, steps: int) -> tuple[np.ndarray, float]:
+        torch = self._torch
+        b = images.shape[0]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self._stages is None:
+                x = self.model.sample_actions(self._to_device(images), self._to_device(image_mask), self._to_device(tokens),
+                                              self._to_device(token_mask), noise=self._to_device(noise), num_steps=steps)
+            else:
+                x = self._sample_staged(images, image_mask, tokens, token_mask, noise, steps)[:b]
+            actions = x.float().cpu().numpy()  # the one device -> host copy; it waits for the GPU
+        return actions, (time.perf_counter() - t0) * 1e3
+
+    def _sample_staged(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
+                       noise: np.ndarray, steps: int) -> Any:
+        from pi05_export.bench import sample_with, time_grid
+
+        pad = self.max_batch - images.shape[0]
+        if pad < 0:
+            raise ConfigError(f"batch {images.shape[0]} exceeds the compiled batch {self.max_batch}", hint="raise --max-batch")
+
+        def padded(a: np.ndarray) -> np.ndarray:
+            return np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
+
+        s = self._static
+        s["pixel_values"].copy_(self._to_device(padded(images)).flatten(0, 1), non_blocking=True)
+        s["image_mask"].copy_(self._to_device(padded(image_mask)))
+        s["tokens"].copy_(self._to_device(padded(tokens)))
+        s["token_mask"].copy_(self._to_device(padded(token_mask)))
+        s["noise"].copy_(self._to_device(padded(noise)))
+        if steps not in self._grids:
+            self._grids[steps] = [t.to(self._device) for t in time_grid(steps, self.max_batch)]
+        return sample_with(self._stages, s, self._grids[steps])
+
+
+class PipelineRunner:
+    """Exported graphs (ONNX Runtime) or engines (TensorRT) through :mod:`pi05_export.runtime`.
+
+    With TensorRT on CUDA the stages chain on torch CUDA tensors (no host copy between engines or
+    steps); ONNX Runtime's CPU provider runs on host arrays."""
+
+    def __init__(self, backend: str, artifacts: Path, *, engines: str | None = None, max_batch: int = 1) -> None:
+        from pi05_export.runtime import open_pipeline
+
+        self.backend, self.max_batch = backend, max_batch
+        self.pipeline = open_pipeline(backend, artifacts, engines=engines)
+        self.config = self.pipeline.config
+        self.device = "cuda" if backend == "tensorrt" else "cpu"
+
+    def sample(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
+               noise: np.ndarray, steps: int) -> tuple[np.ndarray, float]:
+        from pi05_export.observation import Observation
+
+        t0 = time.perf_counter()
+        if self.backend == "tensorrt":
+            actions = self._sample_on_device(images, image_mask, tokens, token_mask, noise, steps)
+        else:
+            obs = Observation(images, image_mask, tokens, token_mask, noise)
+            actions = self.pipeline.sample_actions(obs, steps=steps).actions
+        return actions, (time.perf_counter() - t0) * 1e3
+
+    def _sample_on_device(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
+                          noise: np.ndarray, steps: int) -> np.ndarray:
+        """Never executed here (no TensorRT): engines chained on CUDA tensors, fp32 Euler update."""
+        import torch
+
+        dev = torch.device("cuda")
+        up = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in
+              {"images": images, "image_mask": image_mask, "tokens": tokens, "token_mask": token_mask, "noise": noise}.items()}
+        b, v = images.shape[:2]
+        emb = self.pipeline.vision(up["images"].flatten(0, 1))
+        kv, pm = self.pipeline.prefix(emb.reshape(b, -1, emb.shape[-1]), up["image_mask"], up["tokens"], up["token_mask"])
+        x = up["noise"].float()
+        dt = torch.tensor(-1.0 / steps, dtype=torch.float32, device=dev)
+        t = torch.tensor(1.0, dtype=torch.float32, device=dev)
+        for _ in range(steps):
+            x = x + dt * self.pipeline.denoise(x, t.expand(b), kv, pm).float()
+            t = t + dt
+        return x.cpu().numpy()
