@@ -9,7 +9,8 @@ install:  ## venv with the CPU torch build, the package, and every extra the tes
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev,quant,jax]"
+	$(PIP) install -q -e ".[export,dev,quant,jax]"
+	$(PIP) install -q --no-deps "openpi-client==0.1.2" "dm-tree>=0.1.8"  # test client; its numpy<2 pin is stale
 	$(PIP) install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
 
 test:  ## fast CPU tests (GPU/TensorRT tests skip with the reason)

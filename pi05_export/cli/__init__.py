@@ -11,7 +11,7 @@ from pi05_export.cli._app import app, err_console
 from pi05_export.errors import Pi05ExportError
 
 # Commands register on import, one module each; this order (the pipeline's) is the order `--help` lists them in.
-for _command_module in ("convert", "info", "onnx", "quantize", "build", "validate", "infer", "bench"):
+for _command_module in ("convert", "info", "onnx", "quantize", "build", "validate", "infer", "bench", "serve"):
     importlib.import_module(f"pi05_export.cli.{_command_module}")
 
 USAGE_EXIT = 2

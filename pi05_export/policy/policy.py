@@ -386,3 +386,40 @@ def _torch_model(path: Path | None, export: bool, device: str | None, dtype: str
 
 
 __all__ = ["Policy", "PolicyInputs", "load_policy", "postprocess", "preprocess", "TORCH_BACKENDS"]
+
+
+def load_robot_observation(path: str | Path, profile: RobotProfile) -> dict[str, Any]:
+    """A raw observation file in the robot's own keys: ``.npz`` (nested keys written ``images.cam_high``;
+    a 0-d string array for ``prompt``) or ``.json`` (lists become arrays; camera lists of 0-255
+    integers become uint8). Raises :class:`InputError` for an unreadable file."""
+    import json
+
+    path = Path(path)
+    nested_groups = {c.key[0] for c in profile.cameras if c.key and len(c.key) > 1} | {k[0] for k in profile.state if len(k) > 1}
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise InputError(f"{path} must hold a JSON object", hint=f"keys: {', '.join(profile.expected_keys)}")
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                raw = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"observation file {path} does not exist", hint="pass a .npz or .json in the robot's keys") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable .npz/.json file ({str(e).splitlines()[0]})", hint="write it with numpy.savez") from None
+    cameras = {c.key for c in profile.cameras if c.key}
+    obs: dict[str, Any] = {}
+    for name, value in raw.items():
+        parts = tuple(name.split(".")) if name.split(".")[0] in nested_groups else (name,)
+        if isinstance(value, list):
+            value = np.asarray(value)
+            if parts in cameras and value.dtype.kind in "iu" and value.size and 0 <= value.min() and value.max() <= 255:
+                value = value.astype(np.uint8)
+        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind == "U":
+            value = str(value)
+        node = obs
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return obs
