@@ -138,9 +138,25 @@ def build_calibration_set(inputs: Sequence[str | Path], out_dir: str | Path, cfg
         return write_calibration_set(photo_observations(cfg, seed), out_dir, cfg, meta)
     if not inputs:
         raise InputError("no observation files given", hint="pass OBS.npz files, or --photos for the built-in set")
-    observations = [load_observation(p, cfg) for p in inputs]
+    files = expand_recordings(inputs)
+    observations = [load_observation(p, cfg) for p in files]
     meta = {"kind": "recorded", "tokenizer": "as recorded", "sources": [str(p) for p in inputs]}
     return write_calibration_set(observations, out_dir, cfg, meta)
+
+
+def expand_recordings(inputs: Sequence[str | Path]) -> list[Path]:
+    """Observation files, with each directory (``pi05-export serve --record DIR``) expanded to its
+    ``step_*.npz`` files in step order. Raises :class:`InputError` for an empty directory."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            steps = sorted(p.glob("step_*.npz"))
+            if not steps:
+                raise InputError(f"{p} holds no step_*.npz recordings", hint="record with `pi05-export serve --record DIR`")
+            files.extend(steps)
+        else:
+            files.append(p)
+    return files
 
 
 def load_calibration_set(directory: str | Path | None, cfg: Pi05Config, samples: int | None = None) -> tuple[list[Observation], dict[str, Any]]:

@@ -69,3 +69,24 @@ def tiny_export(tmp_path_factory):
         return cache[precision]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    """A tiny openpi-style checkpoint dir: weights, config, assets/<asset_id>/norm_stats.json for every
+    shipped robot, a SentencePiece tokenizer trained on the fly, and examples/<robot>.npz."""
+    from pi05_export.testing.tiny_policy import build_tiny_policy
+
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny-policy") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_export(tiny_policy_dir, tmp_path_factory):
+    """``pi05-export onnx`` of the tiny policy checkpoint (fp32)."""
+    from pi05_export.checkpoint import resolve_model
+    from pi05_export.export import export_onnx
+
+    model, source = resolve_model(tiny_policy_dir)
+    out = tmp_path_factory.mktemp("tiny-policy-onnx") / "out"
+    export_onnx(model, out, source=source, precision="fp32")
+    return out

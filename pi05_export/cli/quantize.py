@@ -74,7 +74,7 @@ def recipes() -> None:
 
 @app.command("calibration-build")
 def calibration_build(
-    observations: Annotated[list[Path] | None, typer.Argument(help="Recorded observation .npz files (already tokenized).")] = None,
+    observations: Annotated[list[Path] | None, typer.Argument(help="Observation .npz files (already tokenized), or `serve --record` directories.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output calibration directory (replaced atomically).")] = ...,  # type: ignore[assignment]
     photos: Annotated[bool, typer.Option("--photos", help="Render the built-in photo set (scikit-image samples) instead.")] = False,
     preset: PresetOpt = "pi05",
