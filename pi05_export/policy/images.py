@@ -15,13 +15,8 @@ import numpy as np
 from pi05_export.errors import InputError
 
 
-def parse_image(image: object, name: str, layout: str = "auto") -> np.ndarray:
-    """A robot's frame -> uint8 [H, W, 3].
-
-    Accepts uint8, or float in [0, 1] (openpi truncates ``255 * x``); HWC, or CHW (``layout="chw"``
-    always; ``"auto"`` when ``shape[0] == 3`` as openpi). Raises :class:`InputError` naming the camera
-    for any other shape or dtype, NaN/inf, or floats outside [0, 1] (which openpi would silently wrap).
-    """
+def _uint8_frame(image: object, name: str, layout: str) -> tuple[np.ndarray, bool]:
+    """Validate a frame and convert floats to uint8; returns (uint8 array, whether it is CHW)."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"camera {name!r} is a {type(image).__name__}, not an image array",
                          hint="send a numpy uint8 array [H, W, 3]")
@@ -38,12 +33,51 @@ def parse_image(image: object, name: str, layout: str = "auto") -> np.ndarray:
     elif image.dtype != np.uint8:
         raise InputError(f"camera {name!r} has dtype {image.dtype}; expected uint8 (or float in [0, 1])",
                          hint="send uint8 frames, e.g. openpi_client.image_tools.convert_to_uint8(img)")
-    if layout == "chw" or (layout == "auto" and image.shape[0] == 3):
-        image = np.transpose(image, (1, 2, 0))
-    if image.shape[-1] != 3 or min(image.shape[:2]) < 1:
-        raise InputError(f"camera {name!r} has shape {list(image.shape)} after layout '{layout}'; expected [H, W, 3] RGB",
+    chw = layout == "chw" or (layout == "auto" and image.shape[0] == 3)
+    channels, h, w = (image.shape[0], *image.shape[1:]) if chw else (image.shape[2], *image.shape[:2])
+    if channels != 3 or min(h, w) < 1:
+        raise InputError(f"camera {name!r} has shape {list(image.shape)} (layout '{layout}'); expected [H, W, 3] RGB",
                          hint="send RGB frames as [H, W, 3] uint8")
-    return image
+    return image, chw
+
+
+def parse_image(image: object, name: str, layout: str = "auto") -> np.ndarray:
+    """A robot's frame -> uint8 [H, W, 3].
+
+    Accepts uint8, or float in [0, 1] (openpi truncates ``255 * x``); HWC, or CHW (``layout="chw"``
+    always; ``"auto"`` when ``shape[0] == 3`` as openpi). Raises :class:`InputError` naming the camera
+    for any other shape or dtype, NaN/inf, or floats outside [0, 1] (which openpi would silently wrap).
+    """
+    frame, chw = _uint8_frame(image, name, layout)
+    return np.transpose(frame, (1, 2, 0)) if chw else frame
+
+
+def _fit(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """openpi_client resize_with_pad geometry: (new_h, new_w, top, left)."""
+    ratio = max(w / width, h / height)
+    new_w, new_h = int(w / ratio), int(h / ratio)
+    return new_h, new_w, int((height - new_h) / 2), int((width - new_w) / 2)
+
+
+def camera_pixels(image: object, name: str, layout: str, size: int) -> np.ndarray:
+    """A robot's frame -> model pixels float32 [3, size, size] in [-1, 1]: :func:`parse_image`,
+    :func:`resize_with_pad` and :func:`to_pixels` in one pass. CHW frames are resized plane by plane
+    (bit-identical to PIL's RGB resize, without transposing the full-size frame first)."""
+    from PIL import Image
+
+    frame, chw = _uint8_frame(image, name, layout)
+    if not chw:
+        return to_pixels(resize_with_pad(frame, size, size))
+    h, w = frame.shape[1:]
+    if (h, w) == (size, size):
+        planes = frame
+    else:
+        new_h, new_w, top, left = _fit(h, w, size, size)
+        planes = np.zeros((3, size, size), np.uint8)
+        for c in range(3):
+            plane = Image.fromarray(np.ascontiguousarray(frame[c])).resize((new_w, new_h), resample=Image.BILINEAR)
+            planes[c, top : top + new_h, left : left + new_w] = np.asarray(plane)
+    return planes.astype(np.float32) / 255.0 * 2.0 - 1.0
 
 
 def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -58,11 +92,10 @@ def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return image
-    ratio = max(w / width, h / height)
-    new_w, new_h = int(w / ratio), int(h / ratio)
+    new_h, new_w, top, left = _fit(h, w, height, width)
     resized = Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), resample=Image.BILINEAR)
     canvas = Image.new(resized.mode, (width, height), 0)
-    canvas.paste(resized, (int((width - new_w) / 2), int((height - new_h) / 2)))
+    canvas.paste(resized, (left, top))
     return np.asarray(canvas)
 
 

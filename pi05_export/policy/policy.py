@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ConfigError, InputError
-from pi05_export.policy.images import parse_image, resize_with_pad, to_pixels
+from pi05_export.policy.images import camera_pixels
 from pi05_export.policy.normalize import NormStats, check_finite, find_norm_stats, load_norm_stats
 from pi05_export.policy.profiles import ADAPTERS, KeyPath, RobotProfile, key_name, load_profile
 from pi05_export.policy.runners import ARTIFACT_BACKENDS, POLICY_BACKENDS, TORCH_BACKENDS, ModelRunner
@@ -107,11 +108,12 @@ def _state(obs: Mapping[str, Any], profile: RobotProfile) -> np.ndarray:
 
 
 def preprocess(obs: Mapping[str, Any], *, profile: RobotProfile, norm_stats: NormStats, tokenizer: PromptTokenizer,
-               config: Pi05Config, default_prompt: str | None = None) -> PolicyInputs:
+               config: Pi05Config, default_prompt: str | None = None, executor: Executor | None = None) -> PolicyInputs:
     """A robot's observation dict -> :class:`PolicyInputs` (one observation, no batch axis).
 
     ``obs`` holds the profile's keys: uint8 frames of any size (HWC, or CHW / float [0, 1] as openpi
-    accepts), the state, and ``prompt`` (else ``default_prompt``, else the profile's). Raises
+    accepts), the state, and ``prompt`` (else ``default_prompt``, else the profile's). ``executor``
+    converts the cameras in parallel. Raises
     :class:`InputError` naming the key or camera for anything missing or malformed, and for NaN/inf.
     """
     if not isinstance(obs, Mapping):
@@ -126,19 +128,22 @@ def preprocess(obs: Mapping[str, Any], *, profile: RobotProfile, norm_stats: Nor
                 raise InputError(f"unexpected key(s) {', '.join(map(str, extra))} in '{group}' for robot {profile.name}",
                                  hint=f"allowed: {', '.join(names)}")
     size = config.vision.image_size
-    images = np.zeros((config.num_views, 3, size, size), np.float32)
+    images = np.full((config.num_views, 3, size, size), -1.0, np.float32)  # black = -1 (x/255*2-1 of 0)
     image_mask = np.zeros(config.num_views, bool)
-    black = to_pixels(np.zeros((size, size, 3), np.uint8))
+    frames = []
     for i, cam in enumerate(profile.cameras):
         value = _lookup(obs, cam.key) if cam.key else None
         if value is None:
             if cam.key and not cam.optional:
                 raise _missing(profile, cam.key)
-            images[i] = black
             continue
-        frame = parse_image(value, key_name(cam.key) if cam.key else cam.slot, profile.image_layout)
-        images[i] = to_pixels(resize_with_pad(frame, size, size))
+        frames.append((i, value, key_name(cam.key) if cam.key else cam.slot))
         image_mask[i] = True
+
+    def convert(item: tuple[int, Any, str]) -> None:
+        images[item[0]] = camera_pixels(item[1], item[2], profile.image_layout, size)
+
+    list((executor.map if executor is not None and len(frames) > 1 else map)(convert, frames))  # PIL releases the GIL
     state = _state(obs, profile)
     if state.shape[0] > config.action_dim:
         raise InputError(f"state has {state.shape[0]} values, more than the model's {config.action_dim}", hint="check the robot profile")
@@ -183,6 +188,7 @@ class Policy:
         self.default_prompt = default_prompt
         self.num_steps = num_steps or self.config.num_steps
         self._rng = np.random.default_rng(seed)
+        self._cameras = ThreadPoolExecutor(len(profile.cameras), thread_name_prefix="pi05-camera")
         cfg = self.config
         check_vocab(tokenizer, cfg.llm.vocab_size)
         if len(profile.cameras) != cfg.num_views:
@@ -202,7 +208,7 @@ class Policy:
 
     def preprocess(self, obs: Mapping[str, Any]) -> PolicyInputs:
         return preprocess(obs, profile=self.profile, norm_stats=self.norm_stats, tokenizer=self.tokenizer,
-                          config=self.config, default_prompt=self.default_prompt)
+                          config=self.config, default_prompt=self.default_prompt, executor=self._cameras)
 
     def postprocess(self, actions: np.ndarray, inputs: PolicyInputs) -> np.ndarray:
         return postprocess(actions, inputs, profile=self.profile, norm_stats=self.norm_stats)
