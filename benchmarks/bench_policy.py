@@ -67,6 +67,8 @@ def main() -> int:
     load_s = time.perf_counter() - t0
     obs = example_observation(args.robot)
     results = []
+    fixed_noise = np.random.default_rng(0).standard_normal((1, model.config.action_horizon, model.config.action_dim), dtype=np.float32)
+    reference = None
     for backend in args.backends.split(","):
         t0 = time.perf_counter()
         policy = load_policy(None, robot=profile, backend=backend, model=model, tokenizer=tmp / "tok.model",
@@ -91,6 +93,12 @@ def main() -> int:
                "postprocess": _summary(post), "total": _summary(total),
                "pre_plus_post_median_ms": round(statistics.median(pre) + statistics.median(post), 3),
                "copies_in_model_part": _count_copies(policy, policy.preprocess(obs))}
+        same_noise = policy.sample([policy.preprocess(obs)], fixed_noise)[0][0]
+        if reference is None:
+            reference = same_noise
+        a, b = same_noise.ravel().astype(np.float64), reference.ravel().astype(np.float64)
+        row["vs_first_backend"] = {"max_abs": float(np.abs(a - b).max()),
+                                   "cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))}
         results.append(row)
         print(f"{backend:26s} pre {row['preprocess']['median_ms']:7.2f}  model {row['model']['median_ms']:8.2f} "
               f"(p90 {row['model']['p90_ms']:.2f})  post {row['postprocess']['median_ms']:6.3f}  total "

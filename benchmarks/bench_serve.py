@@ -197,12 +197,14 @@ def measure(args: argparse.Namespace, max_batch: int) -> dict:
         wall = time.perf_counter() - t0
 
         bad = _bad_frames(obs)
-        for i in range(100):  # settle the allocator before measuring RSS
+        big = os.urandom(50 * 2**20)
+        for i in range(100):  # settle the allocator (one big frame included) before measuring RSS
             _send_bad(port, bad[i % len(bad)][1])
+        _send_bad(port, big)
         rss0 = _rss_mib(proc.pid)
         for i in range(args.bad):
             _send_bad(port, bad[i % len(bad)][1])
-        big = os.urandom(50 * 2**20)
+        rss_small = _rss_mib(proc.pid)
         for _ in range(args.big):
             _send_bad(port, big)
         rss1 = _rss_mib(proc.pid)
@@ -214,7 +216,7 @@ def measure(args: argparse.Namespace, max_batch: int) -> dict:
             "concurrent": {"clients": args.clients, "requests": args.clients * args.requests, "replies_ok": replies["ok"],
                            "replies_bad": replies["bad"], "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
                            "throughput_rps": round(len(lat) / wall, 1), "batch_sizes": dict(sorted(batch_sizes.items()))},
-            "bad_requests": {"count": args.bad + args.big, "rss_before_mib": round(rss0, 1), "rss_after_mib": round(rss1, 1),
+            "bad_requests": {"count": args.bad + args.big, "rss_before_mib": round(rss0, 1), "rss_after_small_mib": round(rss_small, 1), "rss_after_mib": round(rss1, 1),
                              "rss_growth_mib": round(rss1 - rss0, 1), "served_after": list(alive)},
         }
     finally:

@@ -80,7 +80,6 @@ class PolicyServer:
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.record = Path(record) if record is not None else None
         self.stats = ServerStats()
-        self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pi05-model")
         self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pi05-io")
         self._queue: asyncio.Queue[_Pending] | None = None
         self._steps = itertools.count()
@@ -112,11 +111,8 @@ class PolicyServer:
             try:
                 if isinstance(message, str):
                     raise WireError("got a text frame; send the observation as a binary msgpack frame (openpi-client does)")
-                request = await loop.run_in_executor(self._io, unpackb, message)
+                request, inputs = await loop.run_in_executor(self._io, self._decode, message)
                 del message
-                if not isinstance(request, dict):
-                    raise WireError(f"the observation must be a msgpack map, got {type(request).__name__}")
-                inputs = await loop.run_in_executor(self._io, self.policy.preprocess, request)
                 future: asyncio.Future[dict[str, Any]] = loop.create_future()
                 assert self._queue is not None
                 await self._queue.put(_Pending(inputs, future, request))
@@ -134,6 +130,12 @@ class PolicyServer:
                 return
             prev_total_ms = (time.perf_counter() - start) * 1e3
 
+    def _decode(self, message: bytes) -> tuple[dict[str, Any], PolicyInputs]:
+        request = unpackb(message)
+        if not isinstance(request, dict):
+            raise WireError(f"the observation must be a msgpack map, got {type(request).__name__}")
+        return request, self.policy.preprocess(request)
+
     async def _fail(self, ws: Any, e: Exception, peer: Any) -> None:
         self.stats.errors += 1
         if isinstance(e, Pi05ExportError | WireError):
@@ -149,7 +151,6 @@ class PolicyServer:
     # -- batching and the model thread -------------------------------------------------------------
     async def _batcher(self) -> None:
         assert self._queue is not None
-        loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
@@ -158,7 +159,7 @@ class PolicyServer:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(self._model, self._run_batch, batch)
+                results = await asyncio.wrap_future(self.policy.submit(self._run_batch, batch))
             except Exception as e:  # noqa: BLE001  (a model failure fails this batch's requests, not the server)
                 for p in batch:
                     if not p.future.done():
@@ -171,7 +172,7 @@ class PolicyServer:
                 if not p.future.done():
                     p.future.set_result(r)
                 if self.record is not None:
-                    loop.run_in_executor(self._io, self._record, next(self._steps), p, r)
+                    self._io.submit(self._record, next(self._steps), p, r)
 
     def _run_batch(self, batch: list[_Pending]) -> list[dict[str, Any]]:
         noise = self.policy.draw_noise(len(batch))
@@ -227,7 +228,6 @@ class PolicyServer:
             await stop.wait()
 
     def close(self) -> None:
-        self._model.shutdown(wait=False, cancel_futures=True)
         self._io.shutdown(wait=True)
 
 

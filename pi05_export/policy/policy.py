@@ -14,6 +14,7 @@ actions (delta mask + state) -> robot output transform -> first ``action_dim`` d
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -189,6 +190,11 @@ class Policy:
         self.num_steps = num_steps or self.config.num_steps
         self._rng = np.random.default_rng(seed)
         self._cameras = ThreadPoolExecutor(len(profile.cameras), thread_name_prefix="pi05-camera")
+        # Every model call runs on this one thread, whichever thread calls: CPU backends keep one
+        # OpenMP team (a second calling thread's team spins against the first: 3x slower on 2 cores),
+        # and CUDA graphs / TensorRT contexts are always driven from the same thread.
+        self._model_ident: int | None = None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="pi05-model", initializer=self._mark_model_thread)
         cfg = self.config
         check_vocab(tokenizer, cfg.llm.vocab_size)
         if len(profile.cameras) != cfg.num_views:
@@ -200,6 +206,13 @@ class Policy:
         if profile.action_horizon is not None and profile.action_horizon != cfg.action_horizon:
             log.warning("robot %s is trained with action_horizon %d in openpi, this model has %d: chunks have %d steps",
                         profile.name, profile.action_horizon, cfg.action_horizon, cfg.action_horizon)
+
+    def _mark_model_thread(self) -> None:
+        self._model_ident = threading.get_ident()
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the policy's model thread; returns a ``concurrent.futures.Future``."""
+        return self._model_thread.submit(fn, *args)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -228,6 +241,11 @@ class Policy:
             raise InputError(f"noise has shape {list(noise.shape)}, expected {[len(inputs), cfg.action_horizon, cfg.action_dim]}",
                              hint="pass noise [B, horizon, action_dim] float32")
         check_finite("noise", noise)
+        if threading.get_ident() == self._model_ident:
+            return self._sample(inputs, noise)
+        return self._model_thread.submit(self._sample, inputs, noise).result()
+
+    def _sample(self, inputs: Sequence[PolicyInputs], noise: np.ndarray) -> tuple[np.ndarray, float]:
         outs, total = [], 0.0
         for start in range(0, len(inputs), self.runner.max_batch):
             chunk = inputs[start : start + self.runner.max_batch]
@@ -268,7 +286,8 @@ class Policy:
         tokens[:, 0] = self.tokenizer.bos_id
         mask = tokens > 0
         noise = np.zeros((b, cfg.action_horizon, cfg.action_dim), np.float32)
-        return self.runner.sample(images, np.ones((b, cfg.num_views), bool), tokens, mask, noise, self.num_steps)[1]
+        call = self.runner.sample
+        return self._model_thread.submit(call, images, np.ones((b, cfg.num_views), bool), tokens, mask, noise, self.num_steps).result()[1]
 
     def describe(self) -> dict[str, Any]:
         return {"robot": self.profile.name, "backend": self.runner.backend, "device": self.runner.device,
