@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from pi05_export.errors import InputError
@@ -59,25 +61,42 @@ def _fit(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
     return new_h, new_w, int((height - new_h) / 2), int((width - new_w) / 2)
 
 
-def camera_pixels(image: object, name: str, layout: str, size: int) -> np.ndarray:
-    """A robot's frame -> model pixels float32 [3, size, size] in [-1, 1]: :func:`parse_image`,
-    :func:`resize_with_pad` and :func:`to_pixels` in one pass. CHW frames are resized plane by plane
-    (bit-identical to PIL's RGB resize, without transposing the full-size frame first)."""
-    from PIL import Image
+def camera_jobs(image: object, name: str, layout: str, out: np.ndarray) -> list[Callable[[], None]]:
+    """Validate a robot's frame now and return the jobs that write its model pixels into ``out``
+    (float32 [3, S, S], in [-1, 1]): :func:`parse_image` + :func:`resize_with_pad` + :func:`to_pixels`.
 
+    CHW frames give one job per colour plane (PIL resizes planes bit-identically to its RGB resize,
+    and no full-size transpose is needed); HWC frames one job. Jobs are independent and PIL releases
+    the GIL, so a thread pool runs them in parallel. Raises :class:`InputError` like :func:`parse_image`.
+    """
     frame, chw = _uint8_frame(image, name, layout)
+    size = out.shape[-1]
     if not chw:
-        return to_pixels(resize_with_pad(frame, size, size))
+        def rgb() -> None:
+            out[:] = to_pixels(resize_with_pad(frame, size, size))
+        return [rgb]
     h, w = frame.shape[1:]
-    if (h, w) == (size, size):
-        planes = frame
-    else:
-        new_h, new_w, top, left = _fit(h, w, size, size)
-        planes = np.zeros((3, size, size), np.uint8)
-        for c in range(3):
-            plane = Image.fromarray(np.ascontiguousarray(frame[c])).resize((new_w, new_h), resample=Image.BILINEAR)
-            planes[c, top : top + new_h, left : left + new_w] = np.asarray(plane)
-    return planes.astype(np.float32) / 255.0 * 2.0 - 1.0
+    geometry = _fit(h, w, size, size)
+
+    def plane(c: int) -> None:
+        from PIL import Image
+
+        if (h, w) == (size, size):
+            out[c] = frame[c].astype(np.float32) / 255.0 * 2.0 - 1.0
+            return
+        new_h, new_w, top, left = geometry
+        resized = Image.fromarray(np.ascontiguousarray(frame[c])).resize((new_w, new_h), resample=Image.BILINEAR)
+        out[c] = -1.0
+        out[c, top : top + new_h, left : left + new_w] = np.asarray(resized).astype(np.float32) / 255.0 * 2.0 - 1.0
+    return [lambda c=c: plane(c) for c in range(3)]
+
+
+def camera_pixels(image: object, name: str, layout: str, size: int) -> np.ndarray:
+    """A robot's frame -> model pixels float32 [3, size, size] in [-1, 1] (the jobs of :func:`camera_jobs`, run here)."""
+    out = np.empty((3, size, size), np.float32)
+    for job in camera_jobs(image, name, layout, out):
+        job()
+    return out
 
 
 def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:

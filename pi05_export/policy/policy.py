@@ -14,6 +14,7 @@ actions (delta mask + state) -> robot output transform -> first ``action_dim`` d
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ import numpy as np
 
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ConfigError, InputError
-from pi05_export.policy.images import camera_pixels
+from pi05_export.policy.images import camera_jobs
 from pi05_export.policy.normalize import NormStats, check_finite, find_norm_stats, load_norm_stats
 from pi05_export.policy.profiles import ADAPTERS, KeyPath, RobotProfile, key_name, load_profile
 from pi05_export.policy.runners import ARTIFACT_BACKENDS, POLICY_BACKENDS, TORCH_BACKENDS, ModelRunner
@@ -131,20 +132,21 @@ def preprocess(obs: Mapping[str, Any], *, profile: RobotProfile, norm_stats: Nor
     size = config.vision.image_size
     images = np.full((config.num_views, 3, size, size), -1.0, np.float32)  # black = -1 (x/255*2-1 of 0)
     image_mask = np.zeros(config.num_views, bool)
-    frames = []
+    jobs = []
     for i, cam in enumerate(profile.cameras):
         value = _lookup(obs, cam.key) if cam.key else None
         if value is None:
             if cam.key and not cam.optional:
                 raise _missing(profile, cam.key)
             continue
-        frames.append((i, value, key_name(cam.key) if cam.key else cam.slot))
+        jobs += camera_jobs(value, key_name(cam.key) if cam.key else cam.slot, profile.image_layout, images[i])
         image_mask[i] = True
-
-    def convert(item: tuple[int, Any, str]) -> None:
-        images[item[0]] = camera_pixels(item[1], item[2], profile.image_layout, size)
-
-    list((executor.map if executor is not None and len(frames) > 1 else map)(convert, frames))  # PIL releases the GIL
+    if executor is not None and len(jobs) > 1:  # PIL releases the GIL: planes resize in parallel
+        for future in [executor.submit(job) for job in jobs]:
+            future.result()
+    else:
+        for job in jobs:
+            job()
     state = _state(obs, profile)
     if state.shape[0] > config.action_dim:
         raise InputError(f"state has {state.shape[0]} values, more than the model's {config.action_dim}", hint="check the robot profile")
@@ -189,7 +191,7 @@ class Policy:
         self.default_prompt = default_prompt
         self.num_steps = num_steps or self.config.num_steps
         self._rng = np.random.default_rng(seed)
-        self._cameras = ThreadPoolExecutor(len(profile.cameras), thread_name_prefix="pi05-camera")
+        self._cameras = ThreadPoolExecutor(min(3 * len(profile.cameras), os.cpu_count() or 1), thread_name_prefix="pi05-camera")
         # Every model call runs on this one thread, whichever thread calls: CPU backends keep one
         # OpenMP team (a second calling thread's team spins against the first: 3x slower on 2 cores),
         # and CUDA graphs / TensorRT contexts are always driven from the same thread.
