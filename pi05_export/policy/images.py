@@ -61,33 +61,36 @@ def _fit(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
     return new_h, new_w, int((height - new_h) / 2), int((width - new_w) / 2)
 
 
+# x / 255 * 2 - 1 in float32 for every uint8 value, computed with the same float32 ops as
+# :func:`to_pixels` (so a table lookup gives bit-identical pixels in one pass).
+_PIXEL_LUT = np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0 * 2.0 - 1.0
+
+
 def camera_jobs(image: object, name: str, layout: str, out: np.ndarray) -> list[Callable[[], None]]:
     """Validate a robot's frame now and return the jobs that write its model pixels into ``out``
     (float32 [3, S, S], in [-1, 1]): :func:`parse_image` + :func:`resize_with_pad` + :func:`to_pixels`.
 
-    CHW frames give one job per colour plane (PIL resizes planes bit-identically to its RGB resize,
-    and no full-size transpose is needed); HWC frames one job. Jobs are independent and PIL releases
-    the GIL, so a thread pool runs them in parallel. Raises :class:`InputError` like :func:`parse_image`.
+    One job per colour plane: PIL resizes each plane bit-identically to its RGB resize (its
+    resampling is per band), the planes need no HWC <-> CHW transpose of the resized image, and
+    the jobs are independent with PIL releasing the GIL, so a thread pool runs them in parallel.
+    Raises :class:`InputError` like :func:`parse_image`.
     """
     frame, chw = _uint8_frame(image, name, layout)
     size = out.shape[-1]
-    if not chw:
-        def rgb() -> None:
-            out[:] = to_pixels(resize_with_pad(frame, size, size))
-        return [rgb]
-    h, w = frame.shape[1:]
-    geometry = _fit(h, w, size, size)
+    h, w = frame.shape[1:] if chw else frame.shape[:2]
+    new_h, new_w, top, left = _fit(h, w, size, size)
 
     def plane(c: int) -> None:
         from PIL import Image
 
+        src = frame[c] if chw else frame[..., c]
         if (h, w) == (size, size):
-            out[c] = frame[c].astype(np.float32) / 255.0 * 2.0 - 1.0
+            out[c] = _PIXEL_LUT[src]
             return
-        new_h, new_w, top, left = geometry
-        resized = Image.fromarray(np.ascontiguousarray(frame[c])).resize((new_w, new_h), resample=Image.BILINEAR)
-        out[c] = -1.0
-        out[c, top : top + new_h, left : left + new_w] = np.asarray(resized).astype(np.float32) / 255.0 * 2.0 - 1.0
+        resized = Image.fromarray(np.ascontiguousarray(src)).resize((new_w, new_h), resample=Image.BILINEAR)
+        out[c] = -1.0  # black padding
+        out[c, top : top + new_h, left : left + new_w] = _PIXEL_LUT[np.asarray(resized)]
+
     return [lambda c=c: plane(c) for c in range(3)]
 
 
