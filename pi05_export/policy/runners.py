@@ -39,8 +39,9 @@ class ModelRunner(Protocol):
 
 class TorchRunner:
     """The PyTorch model on one device: eager, or (``torch-compile``/``-cudagraph`` backends) the
-    stages of :mod:`pi05_export.bench` compiled and/or captured in CUDA graphs at a static batch of
-    ``max_batch`` (smaller batches are padded by repeating the last row, then sliced)."""
+    stages of :mod:`pi05_export.bench` compiled and/or captured in CUDA graphs at static batch
+    sizes 1 and ``max_batch`` (a batch in between runs padded to ``max_batch`` by repeating its last
+    row, then sliced), so a lone request never pays for a full batch."""
 
     def __init__(self, model: Any, backend: str = "torch", *, max_batch: int = 1) -> None:
         import torch
@@ -54,14 +55,15 @@ class TorchRunner:
         self._cuda = self._device.type == "cuda"
         if backend.endswith("cudagraph") and not self._cuda:
             raise HardwareError(f"backend {backend!r} needs a CUDA GPU", hint="use --backend torch on the CPU")
-        self._stages = None
-        self._grids: dict[int, list[Any]] = {}
+        self._staged: dict[int, tuple[Any, dict[str, Any]]] = {}  # static batch -> (stages, static inputs)
+        self._grids: dict[tuple[int, int], list[Any]] = {}
         if backend != "torch":
             from pi05_export.bench import _torch_stages, bench_inputs
 
-            self._static = bench_inputs(self.config, max_batch, seed=0, device=self._device)
-            self._stages = _torch_stages(model, backend, self._static, self._cuda)
-            log.info("%s stages: %s", backend, self._stages.notes)
+            for b in sorted({1, max_batch}):
+                static = bench_inputs(self.config, b, seed=0, device=self._device)
+                self._staged[b] = (_torch_stages(model, backend, static, self._cuda), static)
+                log.info("%s stages at batch %d: %s", backend, b, self._staged[b][0].notes)
         self._torch = torch
 
     def _to_device(self, arr: np.ndarray) -> Any:
@@ -73,7 +75,7 @@ class TorchRunner:
         b = images.shape[0]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if self._stages is None:
+            if not self._staged:
                 x = self.model.sample_actions(self._to_device(images), self._to_device(image_mask), self._to_device(tokens),
                                               self._to_device(token_mask), noise=self._to_device(noise), num_steps=steps)
             else:
@@ -85,22 +87,24 @@ class TorchRunner:
                        noise: np.ndarray, steps: int) -> Any:
         from pi05_export.bench import sample_with, time_grid
 
-        pad = self.max_batch - images.shape[0]
-        if pad < 0:
+        fits = [b for b in self._staged if b >= images.shape[0]]
+        if not fits:
             raise ConfigError(f"batch {images.shape[0]} exceeds the compiled batch {self.max_batch}", hint="raise --max-batch")
+        static_b = min(fits)
+        stages, s = self._staged[static_b]
+        pad = static_b - images.shape[0]
 
         def padded(a: np.ndarray) -> np.ndarray:
             return np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
 
-        s = self._static
         s["pixel_values"].copy_(self._to_device(padded(images)).flatten(0, 1), non_blocking=True)
         s["image_mask"].copy_(self._to_device(padded(image_mask)))
         s["tokens"].copy_(self._to_device(padded(tokens)))
         s["token_mask"].copy_(self._to_device(padded(token_mask)))
         s["noise"].copy_(self._to_device(padded(noise)))
-        if steps not in self._grids:
-            self._grids[steps] = [t.to(self._device) for t in time_grid(steps, self.max_batch)]
-        return sample_with(self._stages, s, self._grids[steps])
+        if (steps, static_b) not in self._grids:
+            self._grids[steps, static_b] = [t.to(self._device) for t in time_grid(steps, static_b)]
+        return sample_with(stages, s, self._grids[steps, static_b])
 
 
 class PipelineRunner:
