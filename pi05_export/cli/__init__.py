@@ -15,6 +15,10 @@ for _command_module in ("convert", "info", "onnx", "quantize", "build", "validat
     importlib.import_module(f"pi05_export.cli.{_command_module}")
 
 USAGE_EXIT = 2
+# Modules of the optional extras (pyproject.toml): the base install is the robot-side runtime.
+OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "polygraphy": "export", "matplotlib": "export",
+                    "onnx_graphsurgeon": "quant", "modelopt": "quant", "skimage": "quant", "jax": "jax",
+                    "orbax": "jax", "tensorstore": "jax", "ml_dtypes": "jax", "tensorrt": "trt"}
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -34,6 +38,15 @@ def run(argv: list[str] | None = None) -> int:
         line = f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "")
         err_console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        if os.environ.get("PI05_DEBUG") == "1":
+            traceback.print_exc()
+        err_console.print(f"error: this command needs the '{e.name}' module, which the base install leaves out "
+                          f"(hint: pip install 'pi05-export[{extra}]')", style="red", markup=False, highlight=False, soft_wrap=True)
+        return USAGE_EXIT
     except KeyboardInterrupt:
         err_console.print("interrupted", style="red", markup=False)
         return 130
