@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 OUT ?= out/tiny
 
-.PHONY: install test test-gpu lint typecheck demo ci-validate bench-export bench-convert bench-tiny bench-gpu bench-quantize calibration-pi05 nvfp4-parity clean
+.PHONY: install test test-gpu lint typecheck demo policy-demo bench-policy bench-serve ci-validate bench-export bench-convert bench-tiny bench-gpu bench-quantize calibration-pi05 nvfp4-parity clean
 
 install:  ## venv with the CPU torch build, the package, and every extra the tests use
 	test -x $(PY) || python3 -m venv .venv
@@ -33,6 +33,10 @@ demo:  ## the main job on the embedded tiny preset: export -> validate (ONNX Run
 	.venv/bin/pi05-export onnx --preset tiny --random-init --out $(OUT)
 	.venv/bin/pi05-export validate $(OUT)
 
+policy-demo:  ## a tiny openpi-style checkpoint (weights, norm stats, tokenizer), then robot actions from a raw LIBERO observation
+	$(PY) -m pi05_export.testing.tiny_policy out/tiny-policy
+	.venv/bin/pi05-export infer out/tiny-policy --robot libero --inputs out/tiny-policy/examples/libero.npz --out out/tiny-policy/actions.npz
+
 ci-validate:  ## the CI engine-validation job on tiny: fp32, fp16, FP8 and FP4/FP8 graphs on ONNX Runtime
 	.venv/bin/pi05-export onnx --preset tiny --random-init --out out/ci-fp32
 	.venv/bin/pi05-export validate out/ci-fp32
@@ -54,6 +58,12 @@ bench-tiny:  ## bench machinery on the CPU
 
 bench-gpu:  ## full-size PyTorch backends on one GPU; JSON lines in out/bench/results.jsonl
 	OUT=out/bench benchmarks/h200_bench.sh
+
+bench-policy:  ## one Policy.infer split into pre/model/post, full size on a GPU (3 x 480x640 cameras)
+	$(PY) benchmarks/bench_policy.py --preset pi05 --backends torch,torch-compile-cudagraph
+
+bench-serve:  ## 8 openpi-client clients x 100 requests against the tiny policy, batching off and on; 1000 bad requests
+	$(PY) benchmarks/bench_serve.py --max-batch 1,8
 
 bench-quantize:  ## full-size fp8 quantize: peak RSS + time per component (~11 min, 14 GiB)
 	$(PY) benchmarks/bench_quantize.py --preset pi05 --recipe fp8 --samples 1 --steps 10
