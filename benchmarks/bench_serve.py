@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,9 +43,9 @@ def _pct(ms: list[float], q: float) -> float:
 
 
 def _observation(robot: str, size: int, seed: int = 0) -> dict:
-    from pi05_export.testing.tiny_policy import example_observation
-
     from PIL import Image
+
+    from pi05_export.testing.tiny_policy import example_observation
 
     obs = example_observation(robot, seed)
     for k, v in list(obs.items()):
