@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pi05_export.errors import Pi05ExportError
+from pi05_export.errors import ConfigError, Pi05ExportError
 from pi05_export.policy.policy import Policy, PolicyInputs
 from pi05_export.wire import WireError, packb, unpackb
 
@@ -265,6 +265,9 @@ def serve_policy(policy: Policy, *, host: str = "0.0.0.0", port: int = 8000, max
 
     try:
         asyncio.run(main())
+    except OSError as e:  # bind failures: address in use, no permission, unknown host
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                          hint="pick another --port (or --host), or stop the server already using it") from None
     finally:
         server.close()
     log.info("server stopped after %d request(s), %d error(s)", server.stats.requests, server.stats.errors)

@@ -72,5 +72,5 @@ def serve(
     err_console.print(" ".join(f"{k}={v}" for k, v in policy.describe().items()), markup=False, highlight=False)
     with status("warming up (compilation, CUDA graphs) before the port opens"):
         first, second = policy.warmup(), policy.warmup()
-    err_console.print(f"warm-up {first:.0f} ms, then {second:.1f} ms per call; serving on ws://{host}:{port} (Ctrl-C stops)")
+    err_console.print(f"warm-up {first:.0f} ms, then {second:.1f} ms per call (Ctrl-C stops the server)")
     serve_policy(policy, host=host, port=port, max_batch=max_batch, record=record, warmup=False)
