@@ -42,6 +42,18 @@ def _pct(ms: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))], 3)
 
 
+def _timed(call, iters: int, warmup: int = 5) -> list[float]:  # type: ignore[no-untyped-def]
+    """Wall ms of ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def _observation(robot: str, size: int, seed: int = 0) -> dict:
     from PIL import Image
 
@@ -74,13 +86,7 @@ def run_server(args: argparse.Namespace) -> int:
                          tokenizer=args.tokenizer, norm_stats=args.norm_stats, max_batch=args.serve_batch, device=args.device)
     obs = _observation(args.robot, args.frame)
     policy.warmup()
-    for _ in range(5):
-        policy.infer(obs)
-    direct = []
-    for _ in range(args.direct_iters):
-        t0 = time.perf_counter()
-        policy.infer(obs)
-        direct.append((time.perf_counter() - t0) * 1e3)
+    direct = _timed(lambda: policy.infer(obs), args.direct_iters)
     Path(args.direct_out).write_text(json.dumps({"p50_ms": _pct(direct, 0.5), "p99_ms": _pct(direct, 0.99)}))
     serve_policy(policy, host="127.0.0.1", port=args.port, max_batch=args.serve_batch, warmup=False)
     return 0
@@ -161,13 +167,7 @@ def measure(args: argparse.Namespace, max_batch: int) -> dict:
         obs = _observation(args.robot, args.frame)
 
         client = WebsocketClientPolicy("127.0.0.1", port)
-        for _ in range(5):
-            client.infer(obs)
-        seq = []
-        for _ in range(args.requests):
-            t0 = time.perf_counter()
-            client.infer(obs)
-            seq.append((time.perf_counter() - t0) * 1e3)
+        seq = _timed(lambda: client.infer(obs), args.requests)
 
         lat: list[float] = []
         replies = {"ok": 0, "bad": 0}

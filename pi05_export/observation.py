@@ -77,15 +77,22 @@ def _check(source: str, name: str, arr: np.ndarray, shape: tuple[int, ...], dtyp
         raise InputError(f"{source}: '{name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}", hint="cast it before saving")
 
 
-def load_observation(path: str | Path, cfg: Pi05Config) -> Observation:
+def load_npz(path: str | Path, missing_hint: str = "pass an .npz written per README 'Observation files'") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (no pickles). Raises :class:`InputError` for a missing or unreadable file."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            return {k: data[k] for k in data.files}
     except FileNotFoundError:
-        raise InputError(f"inputs file {path} does not exist", hint="pass an .npz written per README 'Observation files'") from None
+        raise InputError(f"inputs file {path} does not exist", hint=missing_hint) from None
     except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({e})", hint="write it with numpy.savez") from None
+        raise InputError(f"{path} is not a readable .npz file ({str(e).splitlines()[0] if str(e) else e!r})",
+                         hint="write it with numpy.savez") from None
+
+
+def load_observation(path: str | Path, cfg: Pi05Config) -> Observation:
+    path = Path(path)
+    arrays = load_npz(path)
     missing = [k for k in _REQUIRED if k not in arrays]
     if missing:
         raise InputError(f"{path} lacks array(s): {', '.join(missing)}", hint="see README 'Observation files'")

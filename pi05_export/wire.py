@@ -44,6 +44,18 @@ def _field(obj: dict[Any, Any], name: str) -> Any:
     raise WireError(f"array map lacks '{name}'")
 
 
+def _dtype(name: Any, what: str) -> np.dtype[Any]:
+    try:
+        dtype = np.dtype(name) if isinstance(name, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None:
+        raise WireError(f"unknown {what} dtype {name!r}")
+    if dtype.kind in _REFUSED_KINDS:
+        raise WireError(f"unsupported {what} dtype {name!r}")
+    return dtype
+
+
 def _unpack(obj: dict[Any, Any]) -> Any:
     if b"__ndarray__" in obj or "__ndarray__" in obj:
         data, dtype_s, shape = _field(obj, "data"), _field(obj, "dtype"), _field(obj, "shape")
@@ -51,24 +63,12 @@ def _unpack(obj: dict[Any, Any]) -> Any:
             raise WireError("array map has the wrong field types (data bin, dtype str, shape list)")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
             raise WireError(f"array shape {shape} is not a list of non-negative ints")
-        try:
-            dtype = np.dtype(dtype_s)
-        except TypeError:
-            raise WireError(f"unknown array dtype {dtype_s!r}") from None
-        if dtype.kind in _REFUSED_KINDS:
-            raise WireError(f"unsupported array dtype {dtype_s!r}")
+        dtype = _dtype(dtype_s, "array")
         if len(data) != math.prod(shape) * dtype.itemsize:
             raise WireError(f"array data has {len(data)} bytes, shape {list(shape)} of {dtype_s} needs {math.prod(shape) * dtype.itemsize}")
         return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
     if b"__npgeneric__" in obj or "__npgeneric__" in obj:
-        dtype_s = _field(obj, "dtype")
-        try:
-            dtype = np.dtype(dtype_s)
-        except TypeError:
-            raise WireError(f"unknown scalar dtype {dtype_s!r}") from None
-        if dtype.kind in _REFUSED_KINDS:
-            raise WireError(f"unsupported scalar dtype {dtype_s!r}")
-        return dtype.type(_field(obj, "data"))
+        return _dtype(_field(obj, "dtype"), "scalar").type(_field(obj, "data"))
     return obj
 
 

@@ -421,20 +421,21 @@ def load_robot_observation(path: str | Path, profile: RobotProfile) -> dict[str,
     integers become uint8). Raises :class:`InputError` for an unreadable file."""
     import json
 
+    from pi05_export.observation import load_npz
+
     path = Path(path)
     nested_groups = {c.key[0] for c in profile.cameras if c.key and len(c.key) > 1} | {k[0] for k in profile.state if len(k) > 1}
-    try:
-        if path.suffix == ".json":
+    if path.suffix == ".json":
+        try:
             raw = json.loads(path.read_text())
-            if not isinstance(raw, dict):
-                raise InputError(f"{path} must hold a JSON object", hint=f"keys: {', '.join(profile.expected_keys)}")
-        else:
-            with np.load(path, allow_pickle=False) as data:
-                raw = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise InputError(f"observation file {path} does not exist", hint="pass a .npz or .json in the robot's keys") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable .npz/.json file ({str(e).splitlines()[0]})", hint="write it with numpy.savez") from None
+        except FileNotFoundError:
+            raise InputError(f"inputs file {path} does not exist", hint="pass a .npz or .json in the robot's keys") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is not a readable JSON file ({str(e).splitlines()[0]})", hint="fix the JSON") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path} must hold a JSON object", hint=f"keys: {', '.join(profile.expected_keys)}")
+    else:
+        raw = load_npz(path, missing_hint="pass a .npz or .json in the robot's keys")
     cameras = {c.key for c in profile.cameras if c.key}
     obs: dict[str, Any] = {}
     for name, value in raw.items():
