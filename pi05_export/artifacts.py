@@ -45,8 +45,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e}", hint="choose a writable path with free space") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -150,7 +150,7 @@ def expand_recordings(inputs: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
-            steps = sorted(p.glob("step_*.npz"))
+            steps = sorted(p.glob("step_*.npz"), key=lambda f: (len(f.stem), f.stem))  # numeric order past step 999999
             if not steps:
                 raise InputError(f"{p} holds no step_*.npz recordings", hint="record with `pi05-export serve --record DIR`")
             files.extend(steps)

@@ -29,6 +29,7 @@ import contextlib
 import http
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -85,7 +86,7 @@ class PolicyServer:
         self._steps = itertools.count()
         self._metadata = packb(policy.metadata)
         if self.record is not None:
-            self.record.mkdir(parents=True, exist_ok=True)
+            prepare_record_dir(self.record)
             self._steps = itertools.count(_next_step(self.record))
 
     # -- websocket handling ----------------------------------------------------------------------
@@ -116,7 +117,16 @@ class PolicyServer:
                 future: asyncio.Future[dict[str, Any]] = loop.create_future()
                 assert self._queue is not None
                 await self._queue.put(_Pending(inputs, future, request))
-                reply = await future
+                closed = asyncio.ensure_future(ws.wait_closed())  # a robot that leaves (or a shutdown) ends the wait
+                try:
+                    done, _ = await asyncio.wait({future, closed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    closed.cancel()
+                if future not in done:
+                    future.cancel()  # the batcher skips it if still queued
+                    log.info("client went away while its request waited: %s", peer)
+                    return
+                reply = future.result()
             except Exception as e:  # noqa: BLE001  (every failure: one line to the client, detail in the log)
                 await self._fail(ws, e, peer)
                 return
@@ -168,9 +178,10 @@ class PolicyServer:
             self.stats.batches += 1
             self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
             for p, r in zip(batch, results, strict=True):
+                if p.future.done():  # its robot left while the model ran
+                    continue
                 self.stats.requests += 1
-                if not p.future.done():
-                    p.future.set_result(r)
+                p.future.set_result(r)
                 if self.record is not None:
                     self._io.submit(self._record, next(self._steps), p, r)
 
@@ -198,8 +209,8 @@ class PolicyServer:
         arrays["prompt"] = np.asarray(pending.inputs.prompt)
         try:
             save_npz(self.record / f"step_{step:06d}.npz", arrays)
-        except (OSError, ValueError, TypeError) as e:
-            log.error("could not record step %d: %s", step, e)
+        except Exception:  # noqa: BLE001  (recording must never take the server down; the log says why)
+            log.exception("could not record step %d", step)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -241,6 +252,20 @@ def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def prepare_record_dir(directory: str | Path) -> Path:
+    """Create the ``--record`` directory (or accept an existing one) and check it is writable.
+    Raises :class:`ConfigError` with the fix; called before the model loads."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the --record directory {directory}: {e.strerror or e}",
+                          hint="pass a writable directory path") from None
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"the --record directory {directory} is not writable", hint="pass a writable directory path")
+    return directory
+
+
 def _next_step(directory: Path) -> int:
     """Continue numbering after the steps already recorded (a restarted server appends)."""
     steps = [int(p.stem.split("_")[1]) for p in directory.glob("step_*.npz") if p.stem.split("_")[1].isdigit()]
@@ -259,8 +284,15 @@ def serve_policy(policy: Policy, *, host: str = "0.0.0.0", port: int = 8000, max
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            if stop.is_set():  # a second Ctrl-C / SIGTERM: leave now, without waiting for running requests
+                os._exit(128 + sig)
+            log.info("stopping: closing connections (send the signal again to exit at once)")
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         await server.serve_forever(stop)
 
     try:

@@ -62,10 +62,10 @@ def _unpack(obj: dict[Any, Any]) -> Any:
         if not isinstance(data, bytes) or not isinstance(dtype_s, str) or not isinstance(shape, list | tuple):
             raise WireError("array map has the wrong field types (data bin, dtype str, shape list)")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise WireError(f"array shape {shape} is not a list of non-negative ints")
+            raise WireError(f"array shape {list(shape)[:8]} is not a list of non-negative ints")
         dtype = _dtype(dtype_s, "array")
         if len(data) != math.prod(shape) * dtype.itemsize:
-            raise WireError(f"array data has {len(data)} bytes, shape {list(shape)} of {dtype_s} needs {math.prod(shape) * dtype.itemsize}")
+            raise WireError(f"array data has {len(data)} bytes, shape {list(shape)[:8]} of {dtype.str} needs {math.prod(shape) * dtype.itemsize}")
         return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
     if b"__npgeneric__" in obj or "__npgeneric__" in obj:
         return _dtype(_field(obj, "dtype"), "scalar").type(_field(obj, "data"))

@@ -145,3 +145,51 @@ def test_robots_command_lists_profiles():
     assert result.exit_code == 0
     for name in ROBOTS:
         assert f'"{name}"' in result.output
+
+
+def test_close_releases_the_policy(tiny_policy_dir):
+    import gc
+    import weakref
+
+    policy = load_policy(tiny_policy_dir, robot="libero", device="cpu")
+    policy.infer(example_observation("libero"))
+    ref = weakref.ref(policy)
+    with policy:
+        pass
+    del policy
+    gc.collect()
+    assert ref() is None, "a thread still holds the Policy (and its model)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "bogus"], "unknown device 'bogus'"),
+        (["--out", "/dev/null/actions.npz"], "cannot write /dev/null/actions.npz"),
+    ],
+)
+def test_cli_infer_setup_errors_are_one_line(argv, message, tiny_policy_dir, tmp_path, capsys):
+    base = ["infer", str(tiny_policy_dir), "--robot", "libero", "--inputs", str(tiny_policy_dir / "examples" / "libero.npz"),
+            "--out", str(tmp_path / "a.npz"), "--device", "cpu"]
+    for i in range(0, len(argv), 2):  # later options win in click: override by replacing the value
+        base[base.index(argv[i]) + 1] = argv[i + 1]
+    code = run(base)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_json_observation_with_nested_cameras(tiny_policy_dir, tmp_path):
+    import json
+
+    obs = example_observation("aloha")
+    doc = {"images": {k: v.tolist() for k, v in obs["images"].items()}, "state": obs["state"].tolist(), "prompt": "fold"}
+    path = tmp_path / "obs.json"
+    path.write_text(json.dumps(doc))
+    assert run(["infer", str(tiny_policy_dir), "--robot", "aloha", "--inputs", str(path), "--out", str(tmp_path / "a.npz"),
+                "--device", "cpu"]) == 0
+
+
+def test_cli_serve_bad_record_dir_before_loading(tiny_policy_dir, capsys):
+    code = run(["serve", str(tiny_policy_dir), "--robot", "libero", "--record", "/dev/null/rec", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot create the --record directory" in err and "Traceback" not in err

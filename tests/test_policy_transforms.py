@@ -836,3 +836,37 @@ def test_user_yaml_profile_works(tmp_path, tok, sp):
     # a missing camera names the key
     with pytest.raises(InputError, match="observation/cam"):
         preprocess(_drop(obs, "observation/cam"), profile=profile, norm_stats=stats, tokenizer=tok, config=CFG)
+
+
+def test_review_regressions(tmp_path):
+    """Profile field types, sendable metadata, lerobot stats through a hub-style symlink, tiny frames."""
+    from pathlib import Path
+
+    import yaml
+    from safetensors.numpy import save_file
+
+    from pi05_export.errors import ConfigError, InputError
+    from pi05_export.policy.images import camera_pixels
+    from pi05_export.policy.normalize import load_lerobot_norm_stats
+    from pi05_export.policy.profiles import profile_from_dict
+
+    base = yaml.safe_load((Path(__file__).parents[1] / "pi05_export/policy/robots/libero.yaml").read_text())
+    with pytest.raises(ConfigError, match="state_in_prompt must be a boolean"):
+        profile_from_dict({**base, "state_in_prompt": "false"}, "t.yaml")
+    import datetime
+
+    with pytest.raises(ConfigError, match="metadata cannot be sent"):
+        profile_from_dict({**base, "metadata": {"when": datetime.date(2024, 1, 1)}}, "t.yaml")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    save_file({"observation.state.mean": np.zeros(2, np.float32), "observation.state.std": np.ones(2, np.float32)},
+              str(blobs / "abc"))
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "stats.safetensors").symlink_to(blobs / "abc")
+    (snap / "policy_preprocessor.json").write_text(json.dumps({"steps": [{"registry_name": "normalizer_processor",
+        "config": {"eps": 1e-8, "norm_map": {"STATE": "MEAN_STD", "ACTION": "IDENTITY"}}, "state_file": "stats.safetensors"}]}))
+    stats = load_lerobot_norm_stats(snap)
+    assert stats.state is not None and stats.actions is None
+    with pytest.raises(InputError, match="too narrow"):
+        camera_pixels(np.zeros((1, 1000, 3), np.uint8), "cam", "hwc", 56)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.error
@@ -239,3 +240,36 @@ def test_healthz_only_on_its_path(policies):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
         assert e.value.code == 426
+
+
+def test_request_of_a_departed_robot_is_dropped_and_shutdown_is_prompt(tiny_policy_dir):
+    """A robot that disconnects while its request is queued costs no model call, and stopping the
+    server does not wait for queued requests."""
+    policy = load_policy(tiny_policy_dir, robot="libero", device="cpu")
+    slow = _SlowRunner(policy.runner, delay_s=1.5)
+    policy.runner = slow
+    obs = example_observation("libero")
+    frame = packb(obs)
+    with serve_in_background(policy) as (server, port):
+        busy = threading.Thread(target=lambda: WebsocketClientPolicy("127.0.0.1", port).infer(obs))
+        busy.start()
+        time.sleep(0.3)  # the first request occupies the model
+        with connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
+            ws.recv()
+            ws.send(frame)  # queued behind the first, then the robot leaves
+            time.sleep(0.2)
+        busy.join(timeout=30)
+        time.sleep(0.5)
+        assert len(slow.calls) == 1 and server.stats.requests == 1
+        with connect(f"ws://127.0.0.1:{port}", compression=None) as ws:  # queued at shutdown
+            ws.recv()
+            def robot_cut_off_by_shutdown() -> None:
+                with contextlib.suppress(Exception):  # closed (1001) or refused: either is expected here
+                    WebsocketClientPolicy("127.0.0.1", port).infer(obs)
+
+            threading.Thread(target=robot_cut_off_by_shutdown, daemon=True).start()
+            time.sleep(0.3)
+            ws.send(frame)
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+    assert time.perf_counter() - t0 < 1.5 + 2.0, "shutdown waited for queued requests"

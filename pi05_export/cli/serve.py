@@ -63,8 +63,10 @@ def serve(
 ) -> None:
     """Serve a policy over openpi's websocket protocol: robots using openpi-client connect unchanged."""
     from pi05_export.policy import load_policy
-    from pi05_export.serve import serve_policy
+    from pi05_export.serve import prepare_record_dir, serve_policy
 
+    if record is not None:
+        prepare_record_dir(record)
     with status(f"loading the {robot} policy from {artifacts}"):
         policy = load_policy(artifacts, robot=robot, backend=backend, tokenizer=tokenizer, norm_stats=norm_stats,
                              default_prompt=default_prompt, num_steps=steps, seed=seed, max_batch=max_batch,

@@ -79,6 +79,9 @@ def camera_jobs(image: object, name: str, layout: str, out: np.ndarray) -> list[
     size = out.shape[-1]
     h, w = frame.shape[1:] if chw else frame.shape[:2]
     new_h, new_w, top, left = _fit(h, w, size, size)
+    if min(new_h, new_w) < 1:
+        raise InputError(f"camera {name!r} is {h}x{w}: too narrow to resize to {size}x{size} with padding",
+                         hint="send frames with a sensible aspect ratio")
 
     def plane(c: int) -> None:
         from PIL import Image

@@ -141,11 +141,13 @@ def load_openpi_norm_stats(path: str | Path) -> NormStats:
 
 
 def _inside(base: Path, name: str, what: str) -> Path:
-    """``base / name``, refused when it resolves (symlinks included) outside ``base``."""
-    target = (base / name).resolve()
-    if not target.is_relative_to(base.resolve()):
+    """``base / name`` for a name read from a file: refused when it is absolute or climbs out with
+    ``..``. Symlinks inside ``base`` are followed (Hugging Face hub snapshots link every file into
+    ``../../blobs``); the name written in the file is what must stay inside."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts:
         raise InputError(f"{what} names {name!r}, which is outside {base}", hint="the file must live in the checkpoint directory")
-    return target
+    return base / name
 
 
 def load_lerobot_norm_stats(directory: str | Path) -> NormStats:
@@ -164,17 +166,31 @@ def load_lerobot_norm_stats(directory: str | Path) -> NormStats:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read {pipe_path} ({e})", hint="pass --norm-stats with openpi's norm_stats.json instead") from None
     steps = pipe.get("steps") if isinstance(pipe, dict) else None
-    step = next((s for s in steps or [] if isinstance(s, dict) and s.get("registry_name") == "normalizer_processor"), None)
-    if step is None or not step.get("state_file"):
+    steps = steps if isinstance(steps, list) else []
+    step = next((s for s in steps if isinstance(s, dict) and s.get("registry_name") == "normalizer_processor"), None)
+    if step is None or not isinstance(step.get("state_file"), str):
         raise InputError(f"{pipe_path} has no normalizer step with saved stats", hint="pass --norm-stats FILE")
-    config = step.get("config") or {}
-    eps = float(config.get("eps", 1e-8))
+    config, bad = step.get("config") or {}, "re-save the policy's processors with lerobot"
+    if not isinstance(config, dict) or not isinstance(config.get("norm_map") or {}, dict) or not isinstance(config.get("features") or {}, dict):
+        raise InputError(f"{pipe_path}: the normalizer step's config is malformed", hint=bad)
+    try:
+        eps = float(config.get("eps", 1e-8))
+    except (TypeError, ValueError):
+        raise InputError(f"{pipe_path}: eps {config.get('eps')!r} is not a number", hint=bad) from None
     norm_map = config.get("norm_map") or {}
     features = config.get("features") or {}
-    tensors = load_file(str(_inside(directory, str(step["state_file"]), str(pipe_path))))
+    state_file = _inside(directory, step["state_file"], str(pipe_path))
+    try:
+        tensors = load_file(str(state_file))
+    except FileNotFoundError:
+        raise InputError(f"{pipe_path} names {step['state_file']!r}, which does not exist", hint=bad) from None
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for corrupt files)
+        raise InputError(f"{state_file} is not a readable safetensors file ({type(e).__name__})", hint=bad) from None
     out: dict[str, FeatureNorm | None] = {}
     for ours, key in LEROBOT_KEYS.items():
-        ftype = (features.get(key) or {}).get("type", "STATE" if ours == "state" else "ACTION")
+        feature = features.get(key)
+        ftype = feature.get("type", "STATE" if ours == "state" else "ACTION") if isinstance(feature, dict) else (
+            "STATE" if ours == "state" else "ACTION")
         mode = str(norm_map.get(ftype, "IDENTITY")).lower()
         if mode not in _MODE_STATS or mode == "openpi_quantile":
             raise InputError(f"{pipe_path}: normalization mode {mode.upper()} for {key} is not supported",

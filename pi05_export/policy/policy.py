@@ -153,6 +153,9 @@ def preprocess(obs: Mapping[str, Any], *, profile: RobotProfile, norm_stats: Nor
     state_norm = norm_stats.state.normalize(state) if norm_stats.state else state
     prompt = _prompt(obs, default_prompt or profile.default_prompt, profile)
     tokens, token_mask, cut = tokenizer.tokenize(prompt, state_norm if profile.state_in_prompt else None, config.max_token_len)
+    if tokens.max(initial=0) >= config.llm.vocab_size:
+        raise InputError(f"the prompt produced token id {int(tokens.max())}, beyond the model's {config.llm.vocab_size} embeddings",
+                         hint="use the tokenizer the checkpoint was trained with")
     return PolicyInputs(images, image_mask, tokens, token_mask, state, state_norm, prompt, cut)
 
 
@@ -195,8 +198,9 @@ class Policy:
         # Every model call runs on this one thread, whichever thread calls: CPU backends keep one
         # OpenMP team (a second calling thread's team spins against the first: 3x slower on 2 cores),
         # and CUDA graphs / TensorRT contexts are always driven from the same thread.
-        self._model_ident: int | None = None
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="pi05-model", initializer=self._mark_model_thread)
+        self._model_ident: list[int] = []  # the model thread's id (the initializer must not hold the Policy)
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="pi05-model",
+                                                initializer=lambda box=self._model_ident: box.append(threading.get_ident()))
         cfg = self.config
         check_vocab(tokenizer, cfg.llm.vocab_size)
         if len(profile.cameras) != cfg.num_views:
@@ -209,8 +213,17 @@ class Policy:
             log.warning("robot %s is trained with action_horizon %d in openpi, this model has %d: chunks have %d steps",
                         profile.name, profile.action_horizon, cfg.action_horizon, cfg.action_horizon)
 
-    def _mark_model_thread(self) -> None:
-        self._model_ident = threading.get_ident()
+    def close(self) -> None:
+        """Release the threads and the runner (TensorRT contexts, CUDA graphs); the policy is unusable after."""
+        self._model_thread.shutdown(wait=True)
+        self._cameras.shutdown(wait=True)
+        self.runner.close()
+
+    def __enter__(self) -> Policy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def submit(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on the policy's model thread; returns a ``concurrent.futures.Future``."""
@@ -243,7 +256,7 @@ class Policy:
             raise InputError(f"noise has shape {list(noise.shape)}, expected {[len(inputs), cfg.action_horizon, cfg.action_dim]}",
                              hint="pass noise [B, horizon, action_dim] float32")
         check_finite("noise", noise)
-        if threading.get_ident() == self._model_ident:
+        if threading.get_ident() in self._model_ident:
             return self._sample(inputs, noise)
         return self._model_thread.submit(self._sample, inputs, noise).result()
 
@@ -280,16 +293,17 @@ class Policy:
         return self.infer_batch([obs], None if noise is None else np.asarray(noise)[None])[0]
 
     def warmup(self) -> float:
-        """One model call at the runner's batch on black images and a BOS-only prompt; returns ms."""
-        cfg, b = self.config, self.runner.max_batch
-        size = cfg.vision.image_size
-        images = np.full((b, cfg.num_views, 3, size, size), -1.0, np.float32)
-        tokens = np.zeros((b, cfg.max_token_len), np.int64)
-        tokens[:, 0] = self.tokenizer.bos_id
-        mask = tokens > 0
-        noise = np.zeros((b, cfg.action_horizon, cfg.action_dim), np.float32)
-        call = self.runner.sample
-        return self._model_thread.submit(call, images, np.ones((b, cfg.num_views), bool), tokens, mask, noise, self.num_steps).result()[1]
+        """One model call at every batch size the runner keeps (1 and ``max_batch``) on black images and
+        a BOS-only prompt, on the model thread; returns the ms of the largest."""
+        cfg, size, ms = self.config, self.config.vision.image_size, 0.0
+        for b in self.runner.warmup_batches:
+            images = np.full((b, cfg.num_views, 3, size, size), -1.0, np.float32)
+            tokens = np.zeros((b, cfg.max_token_len), np.int64)
+            tokens[:, 0] = self.tokenizer.bos_id
+            noise = np.zeros((b, cfg.action_horizon, cfg.action_dim), np.float32)
+            ms = self._model_thread.submit(self.runner.sample, images, np.ones((b, cfg.num_views), bool), tokens,
+                                           tokens > 0, noise, self.num_steps).result()[1]
+        return ms
 
     def describe(self) -> dict[str, Any]:
         return {"robot": self.profile.name, "backend": self.runner.backend, "device": self.runner.device,
@@ -379,9 +393,12 @@ def _source_roots(export_dir: Path) -> list[Path]:
 
 
 def _default_device(device: str | None) -> str:
+    """``device`` checked (``cuda``, ``cuda:N`` or ``cpu``; CUDA must be present), else CUDA when present."""
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from pi05_export.bench import resolve_device
+
+    return str(resolve_device(device)) if device else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _place(model: Any, device: str | None, dtype: str | None) -> Any:
@@ -437,17 +454,26 @@ def load_robot_observation(path: str | Path, profile: RobotProfile) -> dict[str,
     else:
         raw = load_npz(path, missing_hint="pass a .npz or .json in the robot's keys")
     cameras = {c.key for c in profile.cameras if c.key}
-    obs: dict[str, Any] = {}
-    for name, value in raw.items():
-        parts = tuple(name.split(".")) if name.split(".")[0] in nested_groups else (name,)
+
+    def leaf(parts: tuple[str, ...], value: Any) -> Any:
+        if isinstance(value, dict):  # JSON may nest directly: {"images": {"cam_high": [...]}}
+            return {k: leaf((*parts, k), v) for k, v in value.items()}
         if isinstance(value, list):
-            value = np.asarray(value)
+            try:
+                value = np.asarray(value)
+            except ValueError:
+                raise InputError(f"'{'.'.join(parts)}' in {path} is a ragged list", hint="send rectangular arrays") from None
             if parts in cameras and value.dtype.kind in "iu" and value.size and 0 <= value.min() and value.max() <= 255:
                 value = value.astype(np.uint8)
         if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind == "U":
             value = str(value)
+        return value
+
+    obs: dict[str, Any] = {}
+    for name, value in raw.items():
+        parts = tuple(name.split(".")) if name.split(".")[0] in nested_groups else (name,)
         node = obs
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[parts[-1]] = leaf(parts, value)
     return obs

@@ -130,7 +130,7 @@ def profile_from_dict(data: Any, source: str) -> RobotProfile:
             if not isinstance(c, dict) or "slot" not in c or set(c) - {"slot", "key", "optional"}:
                 raise ConfigError(f"robot profile {source}: cameras[{i}] must be {{slot, key, optional}}", hint="see README 'Robot profiles'")
             cams.append(CameraSlot(str(c["slot"]), _key(c["key"], f"{source} cameras[{i}]") if c.get("key") is not None else None,
-                                   bool(c.get("optional", False))))
+                                   c.get("optional", False)))
         d["cameras"] = tuple(cams)
         if not isinstance(d["state"], list) or not d["state"]:
             raise ConfigError(f"robot profile {source}: 'state' must be a non-empty list of keys", hint="e.g. state: [observation/state]")
@@ -151,6 +151,19 @@ def profile_from_dict(data: Any, source: str) -> RobotProfile:
 
 def _check(p: RobotProfile) -> None:
     where = f"robot profile {p.source}"
+    for name, typ in (("name", str), ("description", str), ("asset_id", (str, type(None))), ("state_in_prompt", bool),
+                      ("image_layout", str), ("adapt", (str, type(None))), ("default_prompt", (str, type(None)))):
+        if not isinstance(getattr(p, name), typ):
+            raise ConfigError(f"{where}: {name} must be a {'boolean' if typ is bool else 'string'}, got {getattr(p, name)!r}",
+                              hint="fix the profile (YAML true/false for booleans)")
+    if not all(isinstance(c.optional, bool) for c in p.cameras):
+        raise ConfigError(f"{where}: a camera's 'optional' must be true or false", hint="fix the profile")
+    try:
+        from pi05_export.wire import packb
+
+        packb(p.metadata)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: metadata cannot be sent to clients ({e})", hint="use numbers, strings, lists and maps") from None
     for name in ("action_dim", "action_horizon", "state_dim"):
         v = getattr(p, name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):

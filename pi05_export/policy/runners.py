@@ -32,9 +32,13 @@ class ModelRunner(Protocol):
     device: str
     #: the largest batch one call takes (requests beyond it are split by the caller)
     max_batch: int
+    #: batch sizes worth warming up before serving (compiled backends: every static batch)
+    warmup_batches: tuple[int, ...]
 
     def sample(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
                noise: np.ndarray, steps: int) -> tuple[np.ndarray, float]: ...
+
+    def close(self) -> None: ...
 
 
 class TorchRunner:
@@ -62,9 +66,18 @@ class TorchRunner:
 
             for b in sorted({1, max_batch}):
                 static = bench_inputs(self.config, b, seed=0, device=self._device)
-                self._staged[b] = (_torch_stages(model, backend, static, self._cuda), static)
+                with torch.inference_mode():  # as every call runs: no recompile on a guard mismatch
+                    self._staged[b] = (_torch_stages(model, backend, static, self._cuda), static)
                 log.info("%s stages at batch %d: %s", backend, b, self._staged[b][0].notes)
         self._torch = torch
+
+    @property
+    def warmup_batches(self) -> tuple[int, ...]:
+        """The batch sizes to warm up (every static batch of the compiled backends)."""
+        return tuple(sorted({1, self.max_batch}))
+
+    def close(self) -> None:
+        self._staged.clear()
 
     def _to_device(self, arr: np.ndarray) -> Any:
         return self._torch.from_numpy(np.ascontiguousarray(arr)).to(self._device, non_blocking=True)
@@ -120,6 +133,13 @@ class PipelineRunner:
         self.pipeline = open_pipeline(backend, artifacts, engines=engines)
         self.config = self.pipeline.config
         self.device = "cuda" if backend == "tensorrt" else "cpu"
+
+    @property
+    def warmup_batches(self) -> tuple[int, ...]:
+        return tuple(sorted({1, self.max_batch}))
+
+    def close(self) -> None:
+        self.pipeline.close()
 
     def sample(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
                noise: np.ndarray, steps: int) -> tuple[np.ndarray, float]:

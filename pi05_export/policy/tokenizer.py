@@ -71,7 +71,9 @@ class PromptTokenizer:
                 self._hf = Tokenizer.from_file(str(self.path))
                 self._sp = None
                 bos = self._hf.token_to_id("<bos>")
-                self.vocab_size = int(self._hf.get_vocab_size(with_added_tokens=True))
+                # Added tokens (PaliGemma's tokenizer.json adds <image> at 257152) are never produced by
+                # prompts; ids are still range-checked against the model per prompt.
+                self.vocab_size = int(self._hf.get_vocab_size(with_added_tokens=False))
             else:
                 import sentencepiece as spm
 
