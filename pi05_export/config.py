@@ -88,6 +88,9 @@ class GemmaConfig:
         object.__setattr__(self, "kv_width", self.num_kv_heads * self.head_dim)
 
 
+# The block of a checkpoint's config.json that holds this tool's explicit dimensions.
+CHECKPOINT_CONFIG_KEY = "pi05_export"
+
 # openpi's variant names (src/openpi/models/gemma.py get_config).
 PALIGEMMA_VOCAB_SIZE = 257_152
 GEMMA_VARIANTS: dict[str, GemmaConfig] = {
@@ -173,6 +176,8 @@ class Pi05Config:
             data = yaml.safe_load(text)  # YAML is a superset of JSON
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid JSON/YAML: {e}".splitlines()[0], hint="fix the syntax") from None
+        if isinstance(data, dict) and isinstance(data.get(CHECKPOINT_CONFIG_KEY), dict):  # a config.json this tool wrote
+            return cls.from_dict(data[CHECKPOINT_CONFIG_KEY])
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

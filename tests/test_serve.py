@@ -178,6 +178,11 @@ def test_recording_is_a_calibration_source(tiny_policy_dir, policies, tmp_path):
     observations, meta = load_calibration_set(out, policy.config)
     assert len(observations) == 3 and meta["kind"] == "recorded"
     assert observations[0].tokens.shape == (1, policy.config.max_token_len)
+    from pi05_export.cli import run  # the README's command: the checkpoint's own config.json gives the sizes
+
+    assert run(["calibration-build", str(record), "--config", str(tiny_policy_dir / "config.json"), "--out",
+                str(tmp_path / "calib-cli")]) == 0
+    assert len(list((tmp_path / "calib-cli").glob("calib_*.npz"))) == 3
 
 
 BAD_FRAMES = {

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pi05_export.config import Pi05Config
+from pi05_export.config import CHECKPOINT_CONFIG_KEY, Pi05Config
 from pi05_export.dtypes import graph_dtype, torch_dtype
 from pi05_export.errors import ArtifactError, CheckpointError, ConfigError
 
@@ -34,7 +34,7 @@ EMBED_KEY = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.w
 LM_HEAD_KEY = "paligemma_with_expert.paligemma.lm_head.weight"
 EXPERT_LM_HEAD_KEY = "paligemma_with_expert.gemma_expert.lm_head.weight"
 # Our key for the block of explicit dimensions we add to config.json (openpi/lerobot ignore it).
-OUR_CONFIG_KEY = "pi05_export"
+OUR_CONFIG_KEY = CHECKPOINT_CONFIG_KEY
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 

@@ -37,7 +37,7 @@ def infer(
     norm_stats: NormStatsOpt = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Euler steps.")] = 10,
     backend: Annotated[str, typer.Option("--backend", help="torch | onnxruntime | tensorrt (with --robot also "
-                                                           "torch-compile-cudagraph)")] = "torch",
+                                                           "torch-compile, torch-cudagraph, torch-compile-cudagraph)")] = "torch",
     artifacts: Annotated[Path | None, typer.Option("--artifacts", help="Export dir for onnxruntime/tensorrt.")] = None,
     engines: Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")] = None,
     device: DeviceOpt = None,
@@ -69,7 +69,7 @@ def infer(
         actions = policy.postprocess(normalized[0], inp)
         save_npz(out, {"actions": actions, "prompt": np.asarray(inp.prompt), "tokens": inp.tokens, "token_mask": inp.token_mask})
         err_console.print(f"wrote {out}: actions {list(actions.shape)} for robot {policy.profile.name} via {backend} "
-                          f"(model {model_ms:.1f} ms)", markup=False)
+                          f"(model {model_ms:.1f} ms)", markup=False, soft_wrap=True)
         return
     from pi05_export.infer import infer_actions
 

@@ -20,8 +20,8 @@ NormStatsOpt = Annotated[Path | None, typer.Option(
     "--norm-stats", help="norm_stats.json or a lerobot policy dir (default: <checkpoint>/assets/<asset_id>/).")]
 DefaultPromptOpt = Annotated[str | None, typer.Option("--default-prompt", help="Prompt for requests that send none.")]
 PolicyBackendOpt = Annotated[str | None, typer.Option(
-    "--backend", help="torch | torch-compile-cudagraph | onnxruntime | tensorrt (default: torch for a checkpoint, "
-                      "onnxruntime for an export dir).")]
+    "--backend", help="torch | torch-compile | torch-cudagraph | torch-compile-cudagraph | onnxruntime | tensorrt "
+                      "(default: torch for a checkpoint, onnxruntime for an export dir).")]
 EnginesOpt = Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Euler steps (default: the config's, 10).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch backends: cuda | cpu (default: cuda when present).")]
@@ -37,6 +37,8 @@ def robots(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         out_console.print_json(json.dumps({n: p.summary() for n, p in profiles.items()}))
         return
     table = Table("robot", "state", "actions", "horizon", "state in prompt", "norm stats asset", "keys the robot sends")
+    for column in table.columns:
+        column.overflow = "fold"  # keys are the point of this table: never cut them
     for p in profiles.values():
         table.add_row(p.name, str(p.state_dim or "any"), str(p.action_dim), str(p.action_horizon or "model"),
                       "yes" if p.state_in_prompt else "no", str(p.asset_id), "\n".join(p.expected_keys))
@@ -71,8 +73,8 @@ def serve(
         policy = load_policy(artifacts, robot=robot, backend=backend, tokenizer=tokenizer, norm_stats=norm_stats,
                              default_prompt=default_prompt, num_steps=steps, seed=seed, max_batch=max_batch,
                              engines=engines, device=device)
-    err_console.print(" ".join(f"{k}={v}" for k, v in policy.describe().items()), markup=False, highlight=False)
+    err_console.print(" ".join(f"{k}={v}" for k, v in policy.describe().items()), markup=False, highlight=False, soft_wrap=True)
     with status("warming up (compilation, CUDA graphs) before the port opens"):
         first, second = policy.warmup(), policy.warmup()
-    err_console.print(f"warm-up {first:.0f} ms, then {second:.1f} ms per call (Ctrl-C stops the server)")
+    err_console.print(f"warm-up {first:.0f} ms, then {second:.1f} ms per call (Ctrl-C stops the server)", soft_wrap=True)
     serve_policy(policy, host=host, port=port, max_batch=max_batch, record=record, warmup=False)

@@ -75,7 +75,7 @@ def _prompt(obs: Mapping[str, Any], default: str | None, profile: RobotProfile) 
         value = default
     if value is None:
         raise InputError(f"missing key 'prompt' for robot {profile.name}",
-                         hint="send a 'prompt' string, or start with --default-prompt TEXT")
+                         hint="send a 'prompt' string (infer: --prompt TEXT; serve: --default-prompt TEXT)")
     if isinstance(value, np.ndarray) and value.ndim == 0:  # openpi's InjectDefaultPrompt stores np.asarray(str)
         value = value.item()
     if isinstance(value, bytes):
@@ -343,8 +343,11 @@ def load_policy(
     """
     from pi05_export.policy.runners import PipelineRunner, TorchRunner
 
-    profile = robot if isinstance(robot, RobotProfile) else load_profile(robot)
-    path = Path(artifacts) if artifacts is not None else None
+    profile = robot if isinstance(robot, RobotProfile) else load_profile(Path(robot).expanduser() if str(robot).endswith((".yaml", ".yml")) else robot)
+    path = Path(artifacts).expanduser() if artifacts is not None else None
+    tokenizer = Path(tokenizer).expanduser() if tokenizer is not None else None
+    if norm_stats is not None and not isinstance(norm_stats, NormStats):
+        norm_stats = Path(norm_stats).expanduser()
     export = path is not None and _is_export_dir(path)
     backend = backend or ("onnxruntime" if export else "torch")
     if backend not in POLICY_BACKENDS:
@@ -360,6 +363,10 @@ def load_policy(
             raise ConfigError(f"--backend {backend} runs exported graphs; {path} is not an export directory",
                               hint=f"export first: pi05-export onnx {path} --out OUT, then pass OUT")
         assert path is not None
+        if backend == "tensorrt":  # say what to install before looking for engines
+            from pi05_export.trt import require_tensorrt
+
+            require_tensorrt()
         roots += _source_roots(path)
         runner = PipelineRunner(backend, path, engines=engines, max_batch=max_batch)
     else:
