@@ -201,6 +201,9 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
                 if out.dtype == "bool":
                     act, ref = act.astype(bool), ref.astype(bool)
                 report.checks.append(_judge(f"{comp.value}/{out.name}", gates.component, act, ref))
+                if not np.isfinite(act).all() and np.isfinite(ref).all():
+                    report.notes.append(_overflow_note(target, comp, out.name, art_iters, loader, manifest.precision))
+                    log.error(report.notes[-1])
         have = set(comps)
         end_to_end = {Component.vision, Component.llm} <= have and (
             Component.denoise in have or {Component.expert, Component.projections} <= have)
@@ -222,6 +225,19 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
             if report.drift:
                 plot_drift(report, tmp / "drift.png")
     return report
+
+
+def _overflow_note(target: Pipeline, comp: Component, output: str, art_iters: Any, loader: list[Any], precision: str) -> str:
+    """Name the first value that overflowed (emulated bf16/fp16 graphs on ONNX Runtime) and the fix."""
+    from pi05_export.runtime.backends import first_overflow
+
+    emulated = getattr(target.backend, "emulated", {}).get(comp)
+    bad = next((i for i, it in enumerate(art_iters) if not np.isfinite(np.asarray(it[output], np.float32)).all()), 0)
+    where = first_overflow(emulated, dict(loader[bad])) if emulated is not None else None
+    limit = "65504 (fp16's largest value)" if precision == "fp16" else "its precision's range"
+    first = f"; the first value to overflow is '{where}'" if where else ""
+    return (f"{comp.value}/{output} holds inf/NaN where the fp32 reference is finite: an activation exceeds {limit}{first}. "
+            "Export bf16 (fp32's exponent range), or keep that layer in fp32")
 
 
 def render_markdown(report: Report) -> str:

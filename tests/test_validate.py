@@ -127,3 +127,24 @@ def test_partial_export_validates_components_and_skips_end_to_end(tiny_model, tm
     report = validate_artifacts(out, model=tiny_model, steps=(3,))
     assert report.status == "PASS" and [c.name for c in report.checks][0] == "vision/image_embeds"
     assert not any(c.name.startswith("actions") for c in report.checks) and "end to end skipped" in report.notes[0]
+
+
+def test_fp16_overflow_fails_and_names_the_layer(tmp_path):
+    """A checkpoint whose residual stream passes 65504 (layer-0 down_proj x 3e4, the known trained-Gemma
+    problem): fp16 graphs FAIL on the CPU's true-fp16 emulation, naming the layer; bf16 graphs PASS."""
+    from pi05_export.checkpoint import random_model, save_checkpoint
+    from pi05_export.cli import run
+
+    model = random_model("tiny", seed=0)
+    name = "paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.down_proj.weight"
+    dict(model.named_parameters())[name].data *= 3e4
+    save_checkpoint(model, tmp_path / "ckpt")
+    verdicts = {}
+    for precision in ("fp16", "bf16"):
+        out = tmp_path / precision
+        assert run(["onnx", str(tmp_path / "ckpt"), "--precision", precision, "--out", str(out), "--components",
+                    "vision,llm,denoise"]) == 0
+        verdicts[precision] = run(["validate", str(out), "--steps", "3"])
+    assert verdicts == {"fp16": 1, "bf16": 0}
+    report = (tmp_path / "fp16" / "reports" / "validation.md").read_text()
+    assert "layers.0.mlp.down_proj" in report and "65504" in report and "Export bf16" in report

@@ -156,7 +156,10 @@ def open_pipeline(
         return Pipeline(TorchBackend(model, specs), cfg, specs)
     if backend == "onnxruntime":
         graphs = _artifact_graphs(artifacts, manifest)
-        return Pipeline(OnnxRuntimeBackend(graphs, specs, emulate_bf16=manifest.precision == "bf16"), cfg, specs)
+        from pi05_export.runtime.backends import EMULATED_PRECISIONS
+
+        emulate = manifest.precision if manifest.precision in EMULATED_PRECISIONS else None  # true bf16/fp16 on the CPU
+        return Pipeline(OnnxRuntimeBackend(graphs, specs, emulate=emulate), cfg, specs)
     engine_dir, build_cmd = _engine_location(artifacts, manifest, engines)
     engine_manifest = Manifest.read(engine_dir, stage="build", hint=f"build engines first: {build_cmd}")
     built_from = (engine_manifest.inputs or {}).get("sha256")

@@ -54,50 +54,68 @@ class TorchBackend:
                 for t, o in zip(spec.outputs, outs, strict=True)}
 
 
-def bf16_emulation_copy(src: Path, dst: Path) -> Path:
-    """ONNX Runtime has no CPU bf16 MatMul: rewrite a bf16-typed graph to fp32 carriers that are
-    rounded to bf16 after every op that produced bf16 (Cast to bf16 and back). Weights keep their
-    bf16 values exactly. This validates the graph's structure and bf16 rounding points on CPU;
-    accumulation inside a MatMul is fp32 here, as on the GPU.
+ROUNDED_SUFFIX = "__lowp"  # the low-precision value each emulated op's fp32 result is rounded through
+EMULATED_PRECISIONS = ("bf16", "fp16")
+
+
+def emulation_copy(src: Path, dst: Path, precision: str) -> Path:
+    """A bf16- or fp16-typed graph rewritten so ONNX Runtime's CPU provider computes it with true
+    low-precision semantics: every op runs on fp32 carriers and each value the graph types bf16/fp16
+    is rounded through that type right after the op that produced it (``Cast`` there and back), as
+    an engine stores it. Weights keep their values exactly; accumulation inside a MatMul is fp32, as
+    on the GPU.
+
+    bf16: ONNX Runtime has no CPU bf16 MatMul at all, and numpy no bfloat16, so the copy's inputs and
+    outputs become fp32 carriers (inputs are rounded to bf16 first). fp16: the interface keeps its
+    fp16 types (the feeds are the same as for the original graph), but ONNX Runtime's CPU kernels
+    would evaluate chains of fp16 ops in fp32 and hide overflow: here a value beyond 65504 becomes
+    inf at the op that produced it and propagates, as on the GPU.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    if precision not in EMULATED_PRECISIONS:
+        raise ValueError(f"no emulation for {precision!r}")
+    low = TensorProto.BFLOAT16 if precision == "bf16" else TensorProto.FLOAT16
+    typed_interface = precision == "fp16"
     model = onnx.load(str(src), load_external_data=False)  # shape inference on the proto alone (graphs > 2 GB)
     inferred = onnx.shape_inference.infer_shapes(model)
-    bf16_values = {
-        vi.name for vi in (*inferred.graph.value_info, *inferred.graph.output)
-        if vi.type.tensor_type.elem_type == TensorProto.BFLOAT16
-    }
-    bf16_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == TensorProto.BFLOAT16]
+    low_values = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.output) if vi.type.tensor_type.elem_type == low}
+    low_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == low]
+    low_outputs = {o.name for o in model.graph.output if o.type.tensor_type.elem_type == low}
     onnx.load_external_data_for_model(model, str(src.parent))
     g = model.graph
     for init in g.initializer:
-        if init.data_type == TensorProto.BFLOAT16:
-            arr = numpy_helper.to_array(init).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    for vi in (*g.input, *g.output, *g.value_info):
-        if vi.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+        if init.data_type == low:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    for vi in (g.value_info if typed_interface else (*g.input, *g.output, *g.value_info)):
+        if vi.type.tensor_type.elem_type == low:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
     nodes = []
-    for name in bf16_inputs:  # a bf16 engine input rounds its feed to bf16: do the same here
-        nodes.append(helper.make_node("Cast", [name], [f"{name}__bf16"], to=TensorProto.BFLOAT16))
-        nodes.append(helper.make_node("Cast", [f"{name}__bf16"], [f"{name}__rounded"], to=TensorProto.FLOAT))
-    rename_inputs = {name: f"{name}__rounded" for name in bf16_inputs}
+    rename = {name: f"{name}__rounded" for name in low_inputs}  # consumers read fp32 carriers
+    for name in low_inputs:
+        if typed_interface:  # the fp16 feed is already rounded
+            nodes.append(helper.make_node("Cast", [name], [rename[name]], to=TensorProto.FLOAT))
+        else:  # an engine input rounds its feed: do the same here
+            nodes.append(helper.make_node("Cast", [name], [name + ROUNDED_SUFFIX], to=low))
+            nodes.append(helper.make_node("Cast", [name + ROUNDED_SUFFIX], [rename[name]], to=TensorProto.FLOAT))
+    if typed_interface:  # a typed graph output keeps its name and type; consumers inside read a carrier
+        rename.update({o: f"{o}__carrier" for o in low_outputs})
     for node in g.node:
-        node.input[:] = [rename_inputs.get(i, i) for i in node.input]
+        node.input[:] = [rename.get(i, i) for i in node.input]
         for attr in node.attribute:
-            if attr.name == "to" and attr.i == TensorProto.BFLOAT16:
+            if attr.name == "to" and attr.i == low:
                 attr.i = TensorProto.FLOAT
-            if attr.name == "value" and attr.t.data_type == TensorProto.BFLOAT16:
+            if attr.name == "value" and attr.t.data_type == low:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
-        rounded = [o for o in node.output if o in bf16_values]
-        renames = {o: f"{o}__fp32" for o in rounded}
-        node.output[:] = [renames.get(o, o) for o in node.output]
+        rounded = [o for o in node.output if o in low_values]
+        node.output[:] = [f"{o}__fp32" if o in low_values else o for o in node.output]
         nodes.append(node)
         for o in rounded:
-            nodes.append(helper.make_node("Cast", [renames[o]], [f"{o}__bf16"], to=TensorProto.BFLOAT16))
-            nodes.append(helper.make_node("Cast", [f"{o}__bf16"], [o], to=TensorProto.FLOAT))
+            lowp = o if typed_interface and o in low_outputs else o + ROUNDED_SUFFIX
+            carrier = rename.get(o, o)
+            nodes.append(helper.make_node("Cast", [f"{o}__fp32"], [lowp], to=low))
+            nodes.append(helper.make_node("Cast", [lowp], [carrier], to=TensorProto.FLOAT))
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
@@ -105,13 +123,70 @@ def bf16_emulation_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def bf16_emulation_copy(src: Path, dst: Path) -> Path:
+    """:func:`emulation_copy` for bf16 graphs (fp32 carriers at the interface)."""
+    return emulation_copy(src, dst, "bf16")
+
+
+def first_overflow(emulated: Path, feed: dict[str, np.ndarray]) -> str | None:
+    """The first rounded value (in node order) of an :func:`emulation_copy` graph that is inf/NaN
+    while everything before it is finite, for ``feed``: where a graph overflows its precision.
+    Runs the graph once with every rounded value as an extra output (memory: all of them at once)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(emulated), load_external_data=False)
+    outputs = {o.name for o in model.graph.output}
+    probes = [out for node in model.graph.node if node.op_type == "Cast" for out in node.output
+              if out.endswith(ROUNDED_SUFFIX) or out in outputs]
+    low = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "Cast"}
+    for name in probes:
+        if name not in outputs:
+            model.graph.output.append(helper.make_tensor_value_info(name, low[name], None))
+    onnx.load_external_data_for_model(model, str(emulated.parent))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, feed), strict=True))
+    for name in probes:
+        if not np.isfinite(np.asarray(values[name], np.float32)).all():
+            value = name.removesuffix(ROUNDED_SUFFIX)
+            module = _module_of(model, f"{value}__fp32")
+            return f"{value} ({module})" if module else value
+    return None
+
+
+def _module_of(model: Any, output: str) -> str | None:
+    """The PyTorch module that produced ``output`` (the dynamo exporter's ``name_scopes`` metadata),
+    as a ``Pi05Model.named_modules()`` name (the recipe and ``--keep-fp32`` vocabulary)."""
+    import json as _json
+
+    for node in model.graph.node:
+        if output in node.output:
+            props = {p.key: p.value for p in node.metadata_props}
+            try:
+                scopes = _json.loads(props.get("pkg.torch.onnx.name_scopes", "[]").replace("'", '"'))
+            except ValueError:
+                return None
+            modules = [sc for sc in scopes[:-1] if sc]
+            return modules[-1].removeprefix("model.") if modules else None
+    return None
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime sessions per component (CUDA provider when present, else CPU)."""
 
     name = "onnxruntime"
 
-    def __init__(self, graphs: dict[Component, Path], specs: dict[Component, ComponentSpec], *, emulate_bf16: bool) -> None:
-        self.graphs, self.specs, self.emulate_bf16 = graphs, specs, emulate_bf16
+    def __init__(self, graphs: dict[Component, Path], specs: dict[Component, ComponentSpec], *,
+                 emulate: str | None = None, emulate_bf16: bool = False) -> None:
+        """``emulate``: ``"bf16"``/``"fp16"`` runs :func:`emulation_copy` of each graph (true low-precision
+        rounding and overflow on the CPU); ``emulate_bf16=True`` is the same as ``emulate="bf16"``."""
+        self.graphs, self.specs = graphs, specs
+        self.emulate = emulate or ("bf16" if emulate_bf16 else None)
+        self.emulated: dict[Component, Path] = {}
         self._sessions: dict[Component, Any] = {}
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -122,9 +197,9 @@ class OnnxRuntimeBackend:
             path = self.graphs.get(component)
             if path is None:
                 raise ArtifactError(f"no {component.value} graph in the artifacts", hint=f"export it: --components {component.value}")
-            if self.emulate_bf16:
-                self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="pi05-bf16-")
-                path = bf16_emulation_copy(path, Path(self._tmp.name) / path.name)
+            if self.emulate:
+                self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix=f"pi05-{self.emulate}-")
+                path = self.emulated[component] = emulation_copy(path, Path(self._tmp.name) / path.name, self.emulate)
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
