@@ -191,3 +191,22 @@ def test_bf16_emulation_rounds_bf16_inputs_like_an_engine(tiny_model, tiny_expor
     assert not np.array_equal(rounded["kv_cache"], feed["kv_cache"])
     a, b = backend.run(Component.expert, feed), backend.run(Component.expert, rounded)
     assert np.array_equal(a["suffix_hidden"], b["suffix_hidden"])
+
+
+@pytest.mark.parametrize("component", ["projections", "denoise"])
+def test_time_frequencies_baked_bit_for_bit(component, tiny_export):
+    """The graphs carry the model's own time-embedding frequencies (one definition, openpi's float32
+    arithmetic), so the reference and the graphs cannot disagree on this constant."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pi05_export.config import TINY
+    from pi05_export.model.common import time_frequencies
+
+    out = tiny_export("fp32")
+    model = onnx.load(str(out / "onnx" / f"{component}.onnx"))
+    arrays = [numpy_helper.to_array(i) for i in model.graph.initializer]
+    arrays += [numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    want = time_frequencies(TINY.expert.width)
+    matches = [a for a in arrays if a.size == want.size and a.dtype == np.float32 and np.array_equal(a.ravel(), want)]
+    assert matches, "the exported graph does not hold the model's time frequencies bit for bit"

@@ -39,9 +39,12 @@ def numpy_velocity(sd, cfg, x_t, t, kv, prefix_mask):
     lin = lambda name, x: x @ w[name + ".weight"].T + (w[name + ".bias"] if name + ".bias" in w else 0)  # noqa: E731
     width, heads, hd = cfg.expert.width, cfg.expert.num_heads, cfg.expert.head_dim
     # time: sin|cos of 2*pi*t/period, periods 4e-3 .. 4.0 geometric; then swish(out(swish(in(.))))
-    frac = np.linspace(0.0, 1.0, width // 2)
-    period = 4e-3 * (4.0 / 4e-3) ** frac
-    arg = 2 * np.pi * t[:, None] / period[None]
+    # the frequencies as openpi's JAX posemb_sincos computes them (float32 throughout), then float64
+    f32 = np.float32
+    frac = np.linspace(0.0, 1.0, width // 2, dtype=f32)
+    period = f32(4e-3) * f32(4.0 / 4e-3) ** frac
+    freq = (f32(1.0) / period * f32(2.0) * f32(np.pi)).astype(np.float64)
+    arg = t[:, None].astype(np.float64) * freq[None]
     c = _swish(lin("time_mlp_out", _swish(lin("time_mlp_in", np.concatenate([np.sin(arg), np.cos(arg)], -1)))))
     x = lin("action_in_proj", x_t)
     b, h = x.shape[:2]

@@ -7,8 +7,9 @@ Everything here is plain tensor code so that ``torch.onnx.export`` sees static c
 
 from __future__ import annotations
 
-import math
+import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,16 +104,34 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def sinusoidal_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
-    """openpi's ``posemb_sincos``: [B] -> [B, dim] = [sin(2*pi*t/p) | cos(2*pi*t/p)], in fp32.
+TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0  # openpi pi0.py embed_suffix: posemb_sincos(t, width, 4e-3, 4.0)
 
-    openpi evaluates this in float64; fp32 differs by <= ~1e-4 in the argument for t in [0, 1]
-    (fp64 is not an option inside TensorRT engines). The reference and every graph use fp32.
+
+@functools.lru_cache(maxsize=8)
+def time_frequencies(dim: int, min_period: float = TIME_MIN_PERIOD, max_period: float = TIME_MAX_PERIOD) -> np.ndarray:
+    """The sin-cos time embedding's angular frequencies, float32 [dim // 2], computed once, exactly as
+    openpi's JAX ``posemb_sincos`` does in float32 (models/pi0.py L48-63): ``fraction = linspace(0, 1,
+    dim/2)``, ``period = min_period * (max_period / min_period) ** fraction``, ``freq = 1 / period * 2 * pi``
+    (XLA's ``pow`` may round an element differently from numpy's by one ulp).
+
+    The PyTorch model and every exported graph use these same values (the graphs bake them as an
+    initializer), so the reference and the graphs agree bit for bit on this constant. Read-only array.
     """
     if dim % 2:
         raise ValueError(f"time embedding dim must be even, got {dim}")
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64)
-    period = min_period * (max_period / min_period) ** fraction
-    freq = (2.0 * math.pi / period).to(torch.float32).to(t.device)  # fp64-exact constants
-    angles = t.to(torch.float32)[:, None] * freq[None, :]
+    f32 = np.float32  # JAX (x64 off): the Python-float ratio is a weak scalar, everything else float32
+    fraction = np.linspace(0.0, 1.0, dim // 2, dtype=f32)
+    period = f32(min_period) * f32(max_period / min_period) ** fraction
+    freq = (f32(1.0) / period * f32(2.0) * f32(np.pi)).astype(f32)
+    freq.setflags(write=False)
+    return freq
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, freq: tuple[float, ...]) -> torch.Tensor:
+    """openpi's ``posemb_sincos``: time [B] -> [B, 2 * len(freq)] = [sin(t * freq) | cos(t * freq)], fp32.
+
+    ``freq`` is :func:`time_frequencies` as a tuple of Python floats (exact in float32), held by the
+    model, so torch.compile and the ONNX exporter see a plain constant and never trace its numpy math.
+    """
+    angles = t.to(torch.float32)[:, None] * torch.tensor(freq, dtype=torch.float32, device=t.device)[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pi05_export.config import Pi05Config
-from pi05_export.model.common import attend, mask_to_bias, sinusoidal_time_embedding
+from pi05_export.model.common import attend, mask_to_bias, sinusoidal_time_embedding, time_frequencies
 from pi05_export.model.gemma import GemmaModel
 from pi05_export.model.siglip import Projector, VisionTower
 
@@ -59,6 +59,9 @@ class Pi05Model(nn.Module):
         self.action_out_proj = nn.Linear(w, config.action_dim)
         self.time_mlp_in = nn.Linear(w, w)
         self.time_mlp_out = nn.Linear(w, w)
+        # The time embedding's frequencies: one definition (openpi's float32 arithmetic), a constant of
+        # the model that the graphs bake bit for bit. Plain floats, not a buffer: no state_dict entry.
+        self.time_freq: tuple[float, ...] = tuple(time_frequencies(w).tolist())
 
     # -- sub-module shortcuts ---------------------------------------------------------------
     @property
@@ -103,7 +106,7 @@ class Pi05Model(nn.Module):
     def embed_suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Noisy actions [B, H, A] and time [B] -> (suffix_embeds [B, H, W], adarms_cond [B, W]), fp32."""
         suffix = self.action_in_proj(x_t.float())
-        emb = sinusoidal_time_embedding(t, self.config.expert.width)
+        emb = sinusoidal_time_embedding(t, self.time_freq)
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
         return suffix, cond
 
