@@ -46,6 +46,21 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Config file (J
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Seeded random weights (with --preset/--config).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights / noise.")]
 
+# Options shared by `serve` and `infer --robot` (one definition each).
+RobotOpt = Annotated[str, typer.Option("--robot", help="Robot profile: libero | droid | aloha | a profile YAML file.")]
+TokenizerOpt = Annotated[Path | None, typer.Option(
+    "--tokenizer", help="PaliGemma SentencePiece .model or tokenizer.json (default: the checkpoint's assets/, then "
+                        "~/.cache/openpi/big_vision/paligemma_tokenizer.model).")]
+NormStatsOpt = Annotated[Path | None, typer.Option(
+    "--norm-stats", help="norm_stats.json or a lerobot policy dir (default: <checkpoint>/assets/<asset_id>/).")]
+DefaultPromptOpt = Annotated[str | None, typer.Option("--default-prompt", help="Prompt for requests that send none.")]
+PolicyBackendOpt = Annotated[str | None, typer.Option(
+    "--backend", help="torch | torch-compile | torch-cudagraph | torch-compile-cudagraph | onnxruntime | tensorrt "
+                      "(default: torch for a checkpoint, onnxruntime for an export dir).")]
+EnginesOpt = Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Euler steps (default: the config's, 10).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch backends: cuda | cpu (default: cuda when present).")]
+
 
 def load_model(checkpoint: Path | None, preset: str | None, config: Path | None, random_init: bool, seed: int,
                dtype: str = "float32"):  # type: ignore[no-untyped-def]

@@ -14,14 +14,16 @@ import typer
 from pi05_export.cli._app import (
     CheckpointArg,
     ConfigOpt,
+    DeviceOpt,
+    NormStatsOpt,
     PresetOpt,
     RandomInitOpt,
     SeedOpt,
+    TokenizerOpt,
     app,
     err_console,
     load_model,
 )
-from pi05_export.cli.serve import DeviceOpt, NormStatsOpt, TokenizerOpt
 
 
 @app.command()

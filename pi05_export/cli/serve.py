@@ -9,22 +9,21 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pi05_export.cli._app import SeedOpt, app, err_console, out_console, status
-
-# Options shared by `serve` and `infer --robot` (one definition each).
-RobotOpt = Annotated[str, typer.Option("--robot", help="Robot profile: libero | droid | aloha | a profile YAML file.")]
-TokenizerOpt = Annotated[Path | None, typer.Option(
-    "--tokenizer", help="PaliGemma SentencePiece .model or tokenizer.json (default: the checkpoint's assets/, then "
-                        "~/.cache/openpi/big_vision/paligemma_tokenizer.model).")]
-NormStatsOpt = Annotated[Path | None, typer.Option(
-    "--norm-stats", help="norm_stats.json or a lerobot policy dir (default: <checkpoint>/assets/<asset_id>/).")]
-DefaultPromptOpt = Annotated[str | None, typer.Option("--default-prompt", help="Prompt for requests that send none.")]
-PolicyBackendOpt = Annotated[str | None, typer.Option(
-    "--backend", help="torch | torch-compile | torch-cudagraph | torch-compile-cudagraph | onnxruntime | tensorrt "
-                      "(default: torch for a checkpoint, onnxruntime for an export dir).")]
-EnginesOpt = Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")]
-StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Euler steps (default: the config's, 10).")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch backends: cuda | cpu (default: cuda when present).")]
+from pi05_export.cli._app import (
+    DefaultPromptOpt,
+    DeviceOpt,
+    EnginesOpt,
+    NormStatsOpt,
+    PolicyBackendOpt,
+    RobotOpt,
+    SeedOpt,
+    StepsOpt,
+    TokenizerOpt,
+    app,
+    err_console,
+    out_console,
+    status,
+)
 
 
 @app.command()
