@@ -59,13 +59,21 @@ class Report:
     drift: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    component_gate: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graphs(self) -> str:
+        """What was validated, by name: ``fp16 graphs``, or ``recipe fp8 (FP8) on fp32`` for a quantized set."""
+        if self.recipe:
+            return f"recipe {self.recipe} ({', '.join(self.formats) or 'quantized'}) on {self.precision}"
+        return f"{self.precision} graphs"
 
     @property
     def status(self) -> Status:
         return worst([c.status for c in self.checks])
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "status": self.status}
+        return {**asdict(self), "graphs": self.graphs, "status": self.status}
 
 
 def _polygraphy_runner(backend: Backend, component: Component, artifact_spec: ComponentSpec) -> Any:
@@ -173,6 +181,7 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
     report = Report(
         artifacts=str(artifacts), backend=backend, precision=manifest.precision, tolerance_row=row,
         reference="PyTorch fp32 (pi05_export.model)", recipe=(manifest.recipe or {}).get("name"), formats=list(formats or []),
+        component_gate=gates.component.to_dict(),
         environment={"tools": tool_versions(), "platform": platform.platform(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                      "steps": list(steps), "batch": obs.batch, "seed": seed, "inputs": str(inputs) if inputs else "random"},
     )
@@ -245,9 +254,7 @@ def render_markdown(report: Report) -> str:
     lines = [
         f"# Validation: {report.status}",
         "",
-        f"`{report.artifacts}` on **{report.backend}** ({report.precision} graphs"
-        + (f", recipe `{report.recipe}`: {', '.join(report.formats)}" if report.recipe else "")
-        + f"; tolerance row `{report.tolerance_row}`) "
+        f"`{report.artifacts}` on **{report.backend}** ({report.graphs}; tolerance row `{report.tolerance_row}`) "
         f"vs {report.reference}. {report.environment.get('date', '')}, batch {report.environment.get('batch')}, "
         f"inputs: {report.environment.get('inputs')}.",
         "",
@@ -280,13 +287,18 @@ def plot_drift(report: Report, path: Path) -> None:
         x = np.arange(1, len(rows) + 1)
         axes[0].semilogy(x, [max(r["max_abs"], 1e-12) for r in rows], marker="o", label=f"{n} steps")
         axes[1].semilogy(x, [max(1 - r["cosine"], 1e-12) for r in rows], marker="o", label=f"{n} steps")
+    gate = report.component_gate
+    if gate.get("metric") == "cosine":  # the per-component gate, for scale (velocities are the denoise output)
+        axes[1].axhline(1 - float(gate["passing"]), color="tab:red", ls="--", label=f"gate: cosine >= {gate['passing']:g}")
+    elif gate.get("passing") is not None:
+        axes[0].axhline(float(gate["passing"]), color="tab:red", ls="--", label=f"gate: {gate['metric']} <= {gate['passing']:g}")
     axes[0].set_title("velocity max abs diff per step")
     axes[1].set_title("velocity 1 - cosine per step")
     for ax in axes:
         ax.set_xlabel("Euler step (t = 1 -> 0)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{report.backend} {report.precision} vs PyTorch fp32: {report.status}")
+    fig.suptitle(f"{report.backend}, {report.graphs} vs PyTorch fp32: {report.status}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
