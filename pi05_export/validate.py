@@ -36,6 +36,7 @@ from pi05_export.tolerances import Status, thresholds_for, worst
 log = logging.getLogger(__name__)
 REPORTS = "reports"
 DENOISE_STEPS_SAMPLED = 3  # component checks use the first, middle and last Euler step's inputs
+BASELINE_STEPS = 10  # openpi's default step count: the steps-vs-accuracy table compares against it
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     component_gate: dict[str, Any] = field(default_factory=dict)
+    steps_table: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def graphs(self) -> str:
@@ -219,13 +221,20 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
         if not end_to_end:
             report.notes.append("end to end skipped: it needs vision, llm and denoise (or expert + projections) graphs")
             log.warning(report.notes[-1])
+        actions: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # steps -> (artifact, reference)
         for j, n in enumerate(steps if end_to_end else []):
             if progress:
                 progress(f"end to end, {n} steps", len(comps) + j, total)
             ref_trace = reference.sample_actions(obs, steps=n, seed=seed)
             art_trace = target.sample_actions(obs, steps=n, seed=seed)
+            actions[n] = (art_trace.actions, ref_trace.actions)
             report.checks.append(_judge(f"actions@{n}", gates.actions, art_trace.actions, ref_trace.actions))
             report.drift[str(n)] = [compare(a, r) for a, r in zip(art_trace.velocities, ref_trace.velocities, strict=True)]
+        if actions:
+            if BASELINE_STEPS not in actions:  # the table's baseline: both pipelines at 10 steps, same noise
+                actions[BASELINE_STEPS] = (target.sample_actions(obs, steps=BASELINE_STEPS, seed=seed).actions,
+                                           reference.sample_actions(obs, steps=BASELINE_STEPS, seed=seed).actions)
+            report.steps_table = steps_table(actions)
         if progress:
             progress("report", total, total)
         if write_report:
@@ -234,6 +243,19 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
             if report.drift:
                 plot_drift(report, tmp / "drift.png")
     return report
+
+
+def steps_table(actions: dict[int, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, float]]:
+    """Per step count: MSE and max abs of the artifact's actions against its own ``BASELINE_STEPS``-step
+    actions (what cutting steps costs on this backend) and against the fp32 PyTorch ``BASELINE_STEPS``-step
+    actions (what it costs in all), same noise. ``actions``: steps -> (artifact, reference) arrays."""
+    own, ref = (a.astype(np.float64) for a in actions[BASELINE_STEPS])
+    rows = []
+    for n in sorted(actions, reverse=True):
+        a = actions[n][0].astype(np.float64)
+        rows.append({"steps": n, "mse_vs_own": float(np.mean((a - own) ** 2)), "max_abs_vs_own": float(np.abs(a - own).max()),
+                     "mse_vs_reference": float(np.mean((a - ref) ** 2)), "max_abs_vs_reference": float(np.abs(a - ref).max())})
+    return rows
 
 
 def _overflow_note(target: Pipeline, comp: Component, output: str, art_iters: Any, loader: list[Any], precision: str) -> str:
@@ -265,6 +287,13 @@ def render_markdown(report: Report) -> str:
         m = c.metrics
         lines.append(f"| {c.name} | {icon[c.status]} | {m['cosine']:.6f} | {m['max_abs']:.2e} | {m['mean_abs']:.2e} | "
                      f"{m['rel_l2']:.2e} | {c.gate} |")
+    if report.steps_table:
+        lines += ["", f"Steps vs accuracy (actions; baseline: {BASELINE_STEPS} steps, same noise):", "",
+                  f"| steps | MSE vs own {BASELINE_STEPS} steps | max abs vs own {BASELINE_STEPS} steps | "
+                  f"MSE vs PyTorch fp32 {BASELINE_STEPS} steps | max abs vs PyTorch fp32 {BASELINE_STEPS} steps |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['steps']} | {r['mse_vs_own']:.3e} | {r['max_abs_vs_own']:.3e} | {r['mse_vs_reference']:.3e} | "
+                  f"{r['max_abs_vs_reference']:.3e} |" for r in report.steps_table]
     lines += [f"\nNote: {n}" for n in report.notes]
     lines += ["", "Per-step velocity drift (artifact loop vs reference loop, same noise):", ""]
     for n, rows in report.drift.items():

@@ -35,6 +35,11 @@ def test_validate_passes_on_correct_export(tiny_model, tiny_export, tmp_path, pr
     png = (out / "reports" / "drift.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1100, 418)
     assert (out / "reports" / "inputs_denoise.json").is_file()  # recorded inputs saved with the report
+    table = data["steps_table"]  # steps vs accuracy against the 10-step actions, own and reference
+    assert [r["steps"] for r in table] == [10, 3]
+    assert table[0]["mse_vs_own"] == 0.0 and table[1]["mse_vs_own"] > 0.0
+    assert set(table[1]) == {"steps", "mse_vs_own", "max_abs_vs_own", "mse_vs_reference", "max_abs_vs_reference"}
+    assert "Steps vs accuracy" in md
 
 
 def _perturb_one_weight(path, scale=1.05):
