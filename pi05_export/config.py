@@ -88,7 +88,7 @@ class GemmaConfig:
         object.__setattr__(self, "kv_width", self.num_kv_heads * self.head_dim)
 
 
-# The block of a checkpoint's config.json that holds this tool's explicit dimensions.
+# The block of explicit dimensions this tool adds to a checkpoint's config.json (openpi/lerobot ignore it).
 CHECKPOINT_CONFIG_KEY = "pi05_export"
 
 # openpi's variant names (src/openpi/models/gemma.py get_config).

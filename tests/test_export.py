@@ -34,7 +34,7 @@ def test_component_matches_pytorch(tiny_model, tiny_export, component, precision
     from pi05_export.runtime import specs_from_manifest
 
     specs = specs_from_manifest(manifest)
-    ort_backend = OnnxRuntimeBackend(graphs, specs, emulate_bf16=precision == "bf16")
+    ort_backend = OnnxRuntimeBackend(graphs, specs, emulate="bf16" if precision == "bf16" else None)
     ref_backend = TorchBackend(tiny_model, component_specs(tiny_model.config))
     feed = _feeds(tiny_model.config, specs[component], batch=3, seed=7)
     got, ref = ort_backend.run(component, feed), ref_backend.run(component, feed)
@@ -184,7 +184,7 @@ def test_bf16_emulation_rounds_bf16_inputs_like_an_engine(tiny_model, tiny_expor
     out = tiny_export("bf16")
     manifest = Manifest.read(out)
     specs = specs_from_manifest(manifest)
-    backend = OnnxRuntimeBackend({Component.expert: out / manifest.components["expert"]["path"]}, specs, emulate_bf16=True)
+    backend = OnnxRuntimeBackend({Component.expert: out / manifest.components["expert"]["path"]}, specs, emulate="bf16")
     feed = _feeds(tiny_model.config, specs[Component.expert], batch=2, seed=5)
     feed["kv_cache"] = feed["kv_cache"] * 1.001  # values between bf16 steps
     rounded = dict(feed, kv_cache=torch.from_numpy(feed["kv_cache"]).to(torch.bfloat16).float().numpy())

@@ -33,8 +33,6 @@ LEROBOT_PREFIX = "model."
 EMBED_KEY = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 LM_HEAD_KEY = "paligemma_with_expert.paligemma.lm_head.weight"
 EXPERT_LM_HEAD_KEY = "paligemma_with_expert.gemma_expert.lm_head.weight"
-# Our key for the block of explicit dimensions we add to config.json (openpi/lerobot ignore it).
-OUR_CONFIG_KEY = CHECKPOINT_CONFIG_KEY
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -169,8 +167,8 @@ def _canonical(key: str, layout: Layout) -> str:
 
 def config_from_json(data: dict[str, Any]) -> Pi05Config:
     """Config from an openpi-converter or lerobot ``config.json`` (plus our explicit-dims block)."""
-    if OUR_CONFIG_KEY in data:
-        return Pi05Config.from_dict(data[OUR_CONFIG_KEY])
+    if CHECKPOINT_CONFIG_KEY in data:
+        return Pi05Config.from_dict(data[CHECKPOINT_CONFIG_KEY])
     changes: dict[str, Any] = {}
     base = Pi05Config.from_dict(
         {
@@ -327,7 +325,7 @@ def save_checkpoint(
     config_json = checkpoint_config_json(cfg, layout, {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(big, "fp32"))
 
     shards = _shard(state, max_shard_bytes)
-    with staging_dir(out_dir, marker=CONFIG_NAME, marker_keys=(OUR_CONFIG_KEY,)) as tmp:
+    with staging_dir(out_dir, marker=CONFIG_NAME, marker_keys=(CHECKPOINT_CONFIG_KEY,)) as tmp:
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         else:
@@ -361,7 +359,7 @@ def checkpoint_config_json(cfg: Pi05Config, layout: Layout | str, precision: str
             "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
             "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
         }
-    data[OUR_CONFIG_KEY] = cfg.to_dict()
+    data[CHECKPOINT_CONFIG_KEY] = cfg.to_dict()
     return data
 
 

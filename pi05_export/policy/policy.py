@@ -343,7 +343,7 @@ def load_policy(
     """
     from pi05_export.policy.runners import PipelineRunner, TorchRunner
 
-    profile = robot if isinstance(robot, RobotProfile) else load_profile(Path(robot).expanduser() if str(robot).endswith((".yaml", ".yml")) else robot)
+    profile = robot if isinstance(robot, RobotProfile) else load_profile(robot)
     path = Path(artifacts).expanduser() if artifacts is not None else None
     tokenizer = Path(tokenizer).expanduser() if tokenizer is not None else None
     if norm_stats is not None and not isinstance(norm_stats, NormStats):
@@ -354,33 +354,35 @@ def load_policy(
         raise ConfigError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(POLICY_BACKENDS)}")
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}", hint="pass --max-batch 1 (no batching) or more")
+    if path is None and model is None:
+        raise ConfigError("no model given", hint="pass a checkpoint directory (or an export directory)")
+    if backend in ARTIFACT_BACKENDS and not export:
+        raise ConfigError(f"--backend {backend} runs exported graphs; {path} is not an export directory",
+                          hint=f"export first: pi05-export onnx {path} --out OUT, then pass OUT")
     roots: list[Path] = []
     if path is not None:
         roots.append(path if path.is_dir() else path.parent)
+        if export:
+            roots += _source_roots(path)
+    # Norm stats and tokenizer first: a missing file is reported in a second, not after loading (and
+    # compiling) a 3.35 B-parameter model.
+    stats = norm_stats if isinstance(norm_stats, NormStats) else (
+        load_norm_stats(norm_stats) if norm_stats is not None else find_norm_stats(roots, profile.asset_id))
+    tok = PromptTokenizer(find_tokenizer(tokenizer, roots))
     runner: ModelRunner
     if backend in ARTIFACT_BACKENDS:
-        if not export:
-            raise ConfigError(f"--backend {backend} runs exported graphs; {path} is not an export directory",
-                              hint=f"export first: pi05-export onnx {path} --out OUT, then pass OUT")
         assert path is not None
         if backend == "tensorrt":  # say what to install before looking for engines
             from pi05_export.trt import require_tensorrt
 
             require_tensorrt()
-        roots += _source_roots(path)
         runner = PipelineRunner(backend, path, engines=engines, max_batch=max_batch)
     else:
         if model is None:
             model = _torch_model(path, export, device, dtype)
         elif device or dtype:
             model = _place(model, device, dtype)
-        if export:
-            assert path is not None
-            roots += _source_roots(path)
         runner = TorchRunner(model, backend, max_batch=max_batch)
-    stats = norm_stats if isinstance(norm_stats, NormStats) else (
-        load_norm_stats(norm_stats) if norm_stats is not None else find_norm_stats(roots, profile.asset_id))
-    tok = PromptTokenizer(find_tokenizer(tokenizer, roots))
     return Policy(runner, profile, stats, tok, default_prompt=default_prompt, num_steps=num_steps, seed=seed)
 
 
@@ -423,8 +425,7 @@ def _torch_model(path: Path | None, export: bool, device: str | None, dtype: str
     (default bf16 on a GPU, fp32 on the CPU)."""
     from pi05_export.checkpoint import load_checkpoint, reference_model
 
-    if path is None:
-        raise ConfigError("no model given", hint="pass a checkpoint directory (or an export directory)")
+    assert path is not None  # load_policy refuses "no model" first
     dev = _default_device(device)
     dt = dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
     if export:

@@ -201,7 +201,7 @@ def load_profile(name_or_path: str | Path) -> RobotProfile:
     import yaml
 
     text = str(name_or_path)
-    path = Path(text)
+    path = Path(text).expanduser()
     if text.endswith((".yaml", ".yml")) or path.is_file():
         try:
             data = yaml.safe_load(path.read_text())

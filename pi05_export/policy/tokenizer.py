@@ -81,7 +81,7 @@ class PromptTokenizer:
                 self._hf = None
                 bos = self._sp.bos_id()
                 self.vocab_size = int(self._sp.get_piece_size())
-        except (OSError, RuntimeError, ValueError, Exception) as e:  # noqa: BLE001  (both libraries raise plain Exception)
+        except Exception as e:  # noqa: BLE001  (sentencepiece and tokenizers raise plain Exception / RuntimeError)
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"cannot load tokenizer {self.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",

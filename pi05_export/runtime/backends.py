@@ -6,6 +6,7 @@ is exactly representable, and each backend converts at its boundary using the ma
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -123,11 +124,6 @@ def emulation_copy(src: Path, dst: Path, precision: str) -> Path:
     return dst
 
 
-def bf16_emulation_copy(src: Path, dst: Path) -> Path:
-    """:func:`emulation_copy` for bf16 graphs (fp32 carriers at the interface)."""
-    return emulation_copy(src, dst, "bf16")
-
-
 def first_overflow(emulated: Path, feed: dict[str, np.ndarray]) -> str | None:
     """The first rounded value (in node order) of an :func:`emulation_copy` graph that is inf/NaN
     while everything before it is finite, for ``feed``: where a graph overflows its precision.
@@ -140,7 +136,7 @@ def first_overflow(emulated: Path, feed: dict[str, np.ndarray]) -> str | None:
     outputs = {o.name for o in model.graph.output}
     probes = [out for node in model.graph.node if node.op_type == "Cast" for out in node.output
               if out.endswith(ROUNDED_SUFFIX) or out in outputs]
-    low = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "Cast"}
+    low = {n.output[0]: next(a.i for a in n.attribute if a.name == "to") for n in model.graph.node if n.op_type == "Cast"}
     for name in probes:
         if name not in outputs:
             model.graph.output.append(helper.make_tensor_value_info(name, low[name], None))
@@ -161,13 +157,11 @@ def first_overflow(emulated: Path, feed: dict[str, np.ndarray]) -> str | None:
 def _module_of(model: Any, output: str) -> str | None:
     """The PyTorch module that produced ``output`` (the dynamo exporter's ``name_scopes`` metadata),
     as a ``Pi05Model.named_modules()`` name (the recipe and ``--keep-fp32`` vocabulary)."""
-    import json as _json
-
     for node in model.graph.node:
         if output in node.output:
             props = {p.key: p.value for p in node.metadata_props}
             try:
-                scopes = _json.loads(props.get("pkg.torch.onnx.name_scopes", "[]").replace("'", '"'))
+                scopes = json.loads(props.get("pkg.torch.onnx.name_scopes", "[]").replace("'", '"'))
             except ValueError:
                 return None
             modules = [sc for sc in scopes[:-1] if sc]
@@ -180,12 +174,11 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, graphs: dict[Component, Path], specs: dict[Component, ComponentSpec], *,
-                 emulate: str | None = None, emulate_bf16: bool = False) -> None:
+    def __init__(self, graphs: dict[Component, Path], specs: dict[Component, ComponentSpec], *, emulate: str | None = None) -> None:
         """``emulate``: ``"bf16"``/``"fp16"`` runs :func:`emulation_copy` of each graph (true low-precision
-        rounding and overflow on the CPU); ``emulate_bf16=True`` is the same as ``emulate="bf16"``."""
+        rounding and overflow on the CPU)."""
         self.graphs, self.specs = graphs, specs
-        self.emulate = emulate or ("bf16" if emulate_bf16 else None)
+        self.emulate = emulate
         self.emulated: dict[Component, Path] = {}
         self._sessions: dict[Component, Any] = {}
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
