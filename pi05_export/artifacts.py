@@ -20,10 +20,35 @@ from pathlib import Path
 from typing import Any
 
 from pi05_export import __version__
-from pi05_export.errors import ArtifactError
+from pi05_export.errors import ArtifactError, Pi05ExportError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+
+
+def resolve_inside(base: str | Path, name: object, what: str, *, error: type[Pi05ExportError] = ArtifactError,
+                   hub_links: bool = False) -> Path:
+    """``base / name`` for a ``name`` read from a file (manifest, recipe, shard index, processor config).
+
+    Refused with ``error`` (one line, exit 2) when ``name`` is not a non-empty relative string, is
+    absolute, climbs out with ``..``, or resolves outside ``base`` once symlinks are followed. With
+    ``hub_links`` only the directories on the way must stay inside: Hugging Face hub snapshots link every
+    file into ``../../blobs``, so there the final file may be a link out. ``what`` names the file and
+    field for the message, e.g. ``"manifest.json component 'llm'"``.
+    """
+    base = Path(base)
+    hint = f"the file must live in {base}"
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise error(f"{what} has path {name!r}, which is not a relative file name", hint=hint)
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise error(f"{what} names {name!r}, which is outside {base}", hint=hint)
+    path = base / rel
+    root = base.resolve()
+    target = (path.parent if hub_links else path).resolve()
+    if target != root and root not in target.parents:
+        raise error(f"{what} names {name!r}, which leads outside {base} through a symlink", hint=hint)
+    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -196,7 +221,9 @@ class Manifest:
                 f"component {name!r} is not in {Path(directory) / MANIFEST_NAME} (has: {', '.join(self.components)})",
                 hint=f"re-export with --components including {name}",
             )
-        path = Path(directory) / self.components[name]["path"]
+        entry = self.components[name]
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        path = resolve_inside(directory, rel, f"{Path(directory) / MANIFEST_NAME} component {name!r}")
         if not path.is_file():
             raise ArtifactError(f"{path} listed in the manifest is missing", hint="re-run the export")
         return path

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pi05_export.artifacts import resolve_inside
 from pi05_export.errors import InputError
 
 OPENPI_QUANTILE_EPS = 1e-6  # openpi transforms.py L141-145, L175-181
@@ -140,16 +141,6 @@ def load_openpi_norm_stats(path: str | Path) -> NormStats:
     return NormStats(out["state"], out["actions"], str(path))
 
 
-def _inside(base: Path, name: str, what: str) -> Path:
-    """``base / name`` for a name read from a file: refused when it is absolute or climbs out with
-    ``..``. Symlinks inside ``base`` are followed (Hugging Face hub snapshots link every file into
-    ``../../blobs``); the name written in the file is what must stay inside."""
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or ".." in parts:
-        raise InputError(f"{what} names {name!r}, which is outside {base}", hint="the file must live in the checkpoint directory")
-    return base / name
-
-
 def load_lerobot_norm_stats(directory: str | Path) -> NormStats:
     """lerobot's saved normalizer: ``policy_preprocessor.json`` -> the ``normalizer_processor`` step's
     ``config.norm_map`` and ``state_file`` (safetensors ``observation.state.<stat>``, ``action.<stat>``).
@@ -179,7 +170,7 @@ def load_lerobot_norm_stats(directory: str | Path) -> NormStats:
         raise InputError(f"{pipe_path}: eps {config.get('eps')!r} is not a number", hint=bad) from None
     norm_map = config.get("norm_map") or {}
     features = config.get("features") or {}
-    state_file = _inside(directory, step["state_file"], str(pipe_path))
+    state_file = resolve_inside(directory, step["state_file"], f"{pipe_path} state_file", error=InputError, hub_links=True)
     try:
         tensors = load_file(str(state_file))
     except FileNotFoundError:
@@ -234,7 +225,7 @@ def find_norm_stats(roots: list[Path], asset_id: str | None) -> NormStats:
     looked = []
     for root in roots:
         if asset_id:
-            candidate = _inside(root / "assets", f"{asset_id}/{NORM_STATS_NAME}", "the robot profile's asset_id")
+            candidate = resolve_inside(root / "assets", f"{asset_id}/{NORM_STATS_NAME}", "the robot profile's asset_id", error=InputError, hub_links=True)
             looked.append(str(candidate))
             if candidate.is_file():
                 return load_openpi_norm_stats(candidate)
