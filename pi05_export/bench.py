@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ import torch
 from pi05_export.config import Pi05Config
 from pi05_export.dtypes import PRECISIONS, torch_dtype
 from pi05_export.errors import ConfigError, DependencyError, HardwareError
+
+if TYPE_CHECKING:
+    from pi05_export.runtime.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,8 @@ class BenchResult:
     memory: dict[str, Any]
     stages: dict[str, str] = field(default_factory=dict)  # how each component ran (compiled, fallback, ...)
     check: dict[str, Any] | None = None
+    #: per step count: MSE / max abs vs this backend at 10 steps and vs fp32 eager at 10 steps (metrics.steps_table)
+    steps_table: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -278,6 +283,8 @@ class _Stages:
     denoise: Callable[..., Any]
     cuda: bool
     notes: dict[str, str]
+    #: whole inferences (compiled / graph backends); None: the stages are called one by one
+    sampler: Sampler | None = None
 
 
 def _time_calls(fn: Callable[[], Any], *, warmup: int, iters: int, cuda: bool) -> list[float]:
@@ -303,7 +310,10 @@ def _time_calls(fn: Callable[[], Any], *, warmup: int, iters: int, cuda: bool) -
 
 
 def sample_with(stages: _Stages, inp: dict[str, Any], grid: Sequence[Any]) -> Any:
-    """vision -> llm -> len(grid) Euler steps, for torch tensors or numpy arrays alike."""
+    """vision -> llm -> len(grid) Euler steps, for torch tensors or numpy arrays alike; through the
+    stages' :class:`Sampler` when they have one (``inp`` then holds torch tensors; ``grid`` gives the steps)."""
+    if stages.sampler is not None:
+        return stages.sampler.sample(inp, len(grid))
     emb = stages.vision(inp["pixel_values"])
     b = inp["tokens"].shape[0]
     kv, pm = stages.llm(emb.reshape(b, -1, emb.shape[-1]), inp["image_mask"], inp["tokens"], inp["token_mask"])
@@ -343,81 +353,49 @@ def compile_stage(fn: Callable[..., Any], name: str, args: Sequence[Any], notes:
     return compiled
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-
-
-class _GraphedCall:
-    """``fn`` captured in a CUDA graph over static input tensors. Inputs that are not the static
-    tensors themselves are copied in before each replay; the output tensors are reused by every replay."""
-
-    def __init__(self, fn: Callable[..., Any], static_args: Sequence[torch.Tensor]) -> None:
-        self.args = list(static_args)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(*self.args)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(*self.args)
-
-    def __call__(self, *args: torch.Tensor) -> Any:
-        for static, a in zip(self.args, args, strict=True):
-            if not _same_tensor(static, a):
-                static.copy_(a)
-        self.graph.replay()
-        return self.out
-
-
 def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: bool,
                   compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> _Stages:
-    """Eager, compiled and/or CUDA-graph stages. For graph backends the denoise step is split:
-    ``embed_suffix`` (its sinusoidal time embedding copies a host constant to the device, which a
-    CUDA graph cannot capture) runs outside the graph, expert + ``action_out_proj`` inside it."""
+    """Eager, compiled and/or CUDA-graph stages over the static inputs ``inp`` (:func:`bench_inputs`).
+
+    Every backend but eager ``torch`` also gets a :class:`~pi05_export.runtime.sampler.Sampler` for whole
+    inferences (on the graph backends: one encode graph and one denoise-loop graph, ``embed_suffix`` and
+    the Euler update inside, the time frequencies in a device buffer)."""
+    from pi05_export.runtime.sampler import GraphedCall, Sampler, StageFns
+
     stages = _eager_stages(model, cuda)
-    if backend == "torch":
-        return stages
     compile_ = backend in ("torch-compile", "torch-compile-cudagraph")
     graph = backend.endswith("cudagraph")
     b = inp["tokens"].shape[0]
     t0 = time_grid(1, b)[0].to(inp["noise"].device)
     notes = stages.notes
+    freq = torch.tensor(model.time_freq, dtype=torch.float32, device=inp["noise"].device)
     vision, llm = model.embed_images, model.prefix_kv_cache
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, kv: torch.Tensor, pm: torch.Tensor) -> torch.Tensor:
+        return model.denoise_step(x, t, kv, pm, freq)  # type: ignore[no-any-return]
+
+    if backend == "torch":
+        stages.sampler = Sampler(StageFns(vision, llm, denoise), inp, graphs=False)
+        return stages
     emb = vision(inp["pixel_values"])
-    emb = emb.reshape(b, -1, emb.shape[-1])
-    llm_args = (emb, inp["image_mask"], inp["tokens"], inp["token_mask"])
+    llm_args = (emb.reshape(b, -1, emb.shape[-1]), inp["image_mask"], inp["tokens"], inp["token_mask"])
     kv, pm = llm(*llm_args)
-
-    def tail(suffix: torch.Tensor, cond: torch.Tensor, kv: torch.Tensor, pm: torch.Tensor) -> torch.Tensor:
-        return model.project_velocity(model.expert_hidden(suffix, cond, kv, pm))
-
-    head, denoise = model.embed_suffix, model.denoise_step
     if compile_:
         vision = compile_stage(vision, "vision", (inp["pixel_values"],), notes, cuda=cuda, compiler=compiler)
         llm = compile_stage(llm, "llm", llm_args, notes, cuda=cuda, compiler=compiler)
-        if graph:
-            head = compile_stage(head, "denoise_head", (inp["noise"], t0), notes, cuda=cuda, compiler=compiler)
-            tail = compile_stage(tail, "denoise", (*head(inp["noise"], t0), kv, pm), notes, cuda=cuda, compiler=compiler)
-        else:
-            denoise = compile_stage(denoise, "denoise", (inp["noise"], t0, kv, pm), notes, cuda=cuda, compiler=compiler)
+        denoise = compile_stage(denoise, "denoise", (inp["noise"], t0, kv, pm), notes, cuda=cuda, compiler=compiler)
+    sampler = Sampler(StageFns(vision, llm, denoise), inp, graphs=graph)
     if not graph:
-        return _Stages(vision, llm, denoise, cuda, notes)
-    g_vision = _GraphedCall(vision, [inp["pixel_values"]])
+        return _Stages(vision, llm, denoise, cuda, notes, sampler)
+    # Per-component graphs, for the component timings only (whole inferences replay the sampler's graphs).
+    g_vision = GraphedCall(vision, [inp["pixel_values"]])
     out = g_vision.out
-    g_llm = _GraphedCall(llm, [out.reshape(b, -1, out.shape[-1]), inp["image_mask"], inp["tokens"], inp["token_mask"]])
-    kv, pm = g_llm.out
-    suffix, cond = head(inp["noise"], t0)
-    g_tail = _GraphedCall(tail, [suffix.clone(), cond.clone(), kv, pm])
-
-    def denoise_graphed(x: torch.Tensor, t: torch.Tensor, kv: torch.Tensor, pm: torch.Tensor) -> torch.Tensor:
-        return g_tail(*head(x, t), kv, pm)
-
+    g_llm = GraphedCall(llm, [out.reshape(b, -1, out.shape[-1]), inp["image_mask"], inp["tokens"], inp["token_mask"]])
+    g_denoise = GraphedCall(denoise, [inp["noise"].clone(), t0.clone(), *g_llm.out])
     for c in BENCH_COMPONENTS:
         notes[c] = f"{notes[c]} + CUDA graph" if c in notes else "CUDA graph"
-    notes["denoise"] += " (embed_suffix outside the graph)"
-    return _Stages(g_vision, g_llm, denoise_graphed, cuda, notes)
+    notes["end_to_end"] = sampler.launches_per_inference
+    return _Stages(g_vision, g_llm, g_denoise, cuda, notes, sampler)
 
 
 def _runtime_stages(backend: str, artifacts: Path) -> tuple[_Stages, Pi05Config, str]:
@@ -491,17 +469,27 @@ def run_benchmark(
     seed: int = 0,
     source: dict[str, Any] | None = None,
     check: bool = True,
+    pipelined: bool = False,
     compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> BenchResult:
     """Time vision, llm, one denoise step and end to end for every step count in ``steps``.
 
     ``model`` (a :class:`Pi05Model`, see :func:`load_bench_model`) is needed for the torch backends;
     ``artifacts`` (an export directory) for ``onnxruntime`` / ``tensorrt``. With ``check`` the
-    compiled/graph backends' actions are compared with eager PyTorch on the same inputs.
+    compiled/graph backends' actions are compared with eager PyTorch on the same inputs, and (torch
+    backends) the steps-vs-accuracy table is computed: per step count, MSE and max abs against this
+    backend's 10-step actions and against fp32 eager PyTorch at 10 steps, same inputs and noise (a
+    temporary fp32 copy of the model). With ``pipelined`` (torch backends) the period per action chunk
+    of the two-stream pipeline (:meth:`Sampler.sample_stream`) is measured over ``iters`` observations.
+
+    Raises :class:`ConfigError` for bad settings and :class:`HardwareError` for CUDA backends without CUDA.
     """
     steps_t = parse_steps(steps)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
+    if pipelined and backend in RUNTIME_BACKENDS:
+        raise ConfigError(f"--pipelined runs the torch backends' two-stream pipeline; backend {backend!r} has none",
+                          hint="use --backend torch-compile-cudagraph (or drop --pipelined)")
     if batch < 1 or warmup < 0 or iters < 1:
         raise ConfigError(f"need batch >= 1, warmup >= 0, iters >= 1 (got {batch}, {warmup}, {iters})",
                           hint="fix --batch/--warmup/--iters")
@@ -548,9 +536,14 @@ def run_benchmark(
             log.info("preparing %s stages", backend)
             stages = _torch_stages(model, backend, inp, cuda, compiler)
         results = _measure(stages, inp, grids, batch, warmup, iters)
-        check_result = None
+        if pipelined and stages.sampler is not None:
+            results["pipelined"] = {n: _measure_pipelined(stages.sampler, inp, n, warmup, iters) for n in steps_t}
+        peak_mib = _memory_mib(dev)
+        check_result, table = None, []
         if check and backend in TORCH_BACKENDS and backend != "torch":
             check_result = _check_against_eager(model, stages, inp, grids[max(steps_t)], cuda)
+        if check and backend in TORCH_BACKENDS:
+            table = _steps_table(model, stages, inp, steps_t)
 
     components = {}
     for c in BENCH_COMPONENTS:
@@ -562,23 +555,25 @@ def run_benchmark(
     for n in steps_t:
         r = results["e2e"][n]
         pipe = pipelined_estimate(med["vision"], med["llm"], med["denoise"], n)
+        measured = results.get("pipelined", {}).get(n)
         e2e.append({"steps": n, **r, "hz": 1000.0 / r["median_ms"], "sum_of_parts_ms": pipe["latency_ms"],
-                    "pipelined_period_ms": pipe["period_ms"], "pipelined_hz": pipe["hz"],
+                    "pipelined_estimate_ms": pipe["period_ms"],
+                    **({"pipelined_period_ms": measured, "pipelined_hz": 1000.0 / measured} if measured else {}),
                     "flops": costs["vision"]["flops"] + costs["llm"]["flops"] + n * costs["denoise"]["flops"],
                     "floor_ms": floors["vision"] + floors["llm"] + n * floors["denoise"]})
     v = cfg.vision
     settings = {
         "backend": backend, "dtype": dtype_name, "device": str(dev), "batch": batch, "warmup": warmup, "iters": iters,
-        "steps": list(steps_t), "seed": seed, "source": source, "artifacts": str(artifacts) if artifacts else None,
+        "steps": list(steps_t), "pipelined": pipelined, "seed": seed, "source": source, "artifacts": str(artifacts) if artifacts else None,
         "shapes": {"views": cfg.num_views, "image_size": v.image_size, "image_tokens": cfg.num_views * v.num_patches,
                    "tokens": cfg.max_token_len, "valid_tokens": int(inp["token_mask"][0].sum()),
                    "prefix_len": cfg.prefix_len, "horizon": cfg.action_horizon, "action_dim": cfg.action_dim},
         "timing": "CUDA events around each synchronized call" if stages.cuda else "perf_counter around each call",
     }
-    memory = {"peak_mib": _memory_mib(dev), "resident_before_mib": resident,
+    memory = {"peak_mib": peak_mib, "resident_before_mib": resident,
               "kind": "torch.cuda.max_memory_allocated" if cuda else "process max RSS (ru_maxrss)"}
     return BenchResult(settings=settings, environment=_environment(dev), ceilings=ceilings, components=components,
-                       end_to_end=e2e, memory=memory, stages=dict(stages.notes), check=check_result)
+                       end_to_end=e2e, memory=memory, stages=dict(stages.notes), check=check_result, steps_table=table)
 
 
 def _measure(stages: _Stages, inp: dict[str, Any], grids: dict[int, list[Any]], batch: int, warmup: int,
@@ -603,6 +598,34 @@ def _measure(stages: _Stages, inp: dict[str, Any], grids: dict[int, list[Any]], 
         out["e2e"][n] = summarize(_time_calls(functools.partial(sample_with, stages, inp, grid), warmup=warmup,
                                               iters=iters, cuda=cuda))
     return out
+
+
+def _measure_pipelined(sampler: Sampler, inp: dict[str, Any], steps: int, warmup: int, iters: int) -> float:
+    """Period per action chunk (ms) of the two-stream pipeline over ``iters`` observations, after
+    ``warmup`` untimed ones: wall time from the first submission to the last chunk on the host, / iters."""
+    list(sampler.sample_stream([inp] * max(warmup, 2), steps))
+    t0 = time.perf_counter()
+    for _ in sampler.sample_stream([inp] * iters, steps):
+        pass
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def _steps_table(model: Any, stages: _Stages, inp: dict[str, Any], steps: Sequence[int]) -> list[dict[str, float]]:
+    """:func:`~pi05_export.metrics.steps_table` for the benchmarked stages against an fp32 eager copy."""
+    import copy
+
+    from pi05_export.metrics import BASELINE_STEPS, steps_table
+    from pi05_export.model.pi05 import apply_dtype_policy
+
+    b = inp["tokens"].shape[0]
+    dev = inp["noise"].device
+    own = {n: sample_with(stages, inp, [t.to(dev) for t in time_grid(n, b)]).float().cpu().numpy()
+           for n in sorted({*steps, BASELINE_STEPS})}
+    reference = apply_dtype_policy(copy.deepcopy(model), torch.float32)
+    ref = sample_with(_eager_stages(reference, stages.cuda), inp, [t.to(dev) for t in time_grid(BASELINE_STEPS, b)])
+    ref_np = ref.float().cpu().numpy()
+    del reference, ref
+    return steps_table({n: (a, ref_np) for n, a in own.items()})
 
 
 def _check_against_eager(model: Any, stages: _Stages, inp: dict[str, Any], grid: list[Any], cuda: bool) -> dict[str, Any]:
@@ -637,12 +660,22 @@ def format_table(result: BenchResult | dict[str, Any]) -> str:
         lines.append(f"{label[c]:<18}{m['median_ms']:>10.3f}{m['p90_ms']:>9.3f}{m['flops'] / 1e9:>10.1f}"
                      f"{m['bytes'] / 1e6:>9.1f}{m['floor_ms']:>10.3f}{m['median_ms'] / m['floor_ms']:>9.1f}  "
                      f"{r['stages'].get(c, '')}")
-    lines.append(f"{'steps':<7}{'e2e ms':>9}{'p90 ms':>9}{'Hz':>8}{'sum parts':>11}{'pipelined ms':>14}"
-                 f"{'pipe Hz':>9}{'floor ms':>10}{'x floor':>9}")
+    lines.append(f"{'steps':<7}{'e2e ms':>9}{'p90 ms':>9}{'Hz':>8}{'sum parts':>11}{'pipe est ms':>13}"
+                 f"{'pipe ms':>9}{'pipe Hz':>9}{'floor ms':>10}{'x floor':>9}")
     for e in r["end_to_end"]:
+        measured = (f"{e['pipelined_period_ms']:>9.2f}{e['pipelined_hz']:>9.1f}" if "pipelined_period_ms" in e
+                    else f"{'-':>9}{'-':>9}")
         lines.append(f"{e['steps']:<7}{e['median_ms']:>9.2f}{e['p90_ms']:>9.2f}{e['hz']:>8.1f}{e['sum_of_parts_ms']:>11.2f}"
-                     f"{e['pipelined_period_ms']:>14.2f}{e['pipelined_hz']:>9.1f}{e['floor_ms']:>10.3f}"
+                     f"{e['pipelined_estimate_ms']:>13.2f}{measured}{e['floor_ms']:>10.3f}"
                      f"{e['median_ms'] / e['floor_ms']:>9.1f}")
+    if r["stages"].get("end_to_end"):
+        lines.append(f"end to end: {r['stages']['end_to_end']}; pipe: measured period per chunk of the two-stream "
+                     "pipeline (--pipelined); pipe est: max(vision, llm + steps x denoise) from the medians")
+    if r.get("steps_table"):
+        lines.append(f"{'steps':<7}{'MSE vs 10 own':>15}{'max abs':>10}{'MSE vs fp32 10':>16}{'max abs':>10}")
+        for row in r["steps_table"]:
+            lines.append(f"{int(row['steps']):<7}{row['mse_vs_own']:>15.3g}{row['max_abs_vs_own']:>10.3g}"
+                         f"{row['mse_vs_reference']:>16.3g}{row['max_abs_vs_reference']:>10.3g}")
     mem = r["memory"]
     lines.append(f"peak memory {mem['peak_mib']:.0f} MiB ({mem['kind']})")
     if r.get("check"):

@@ -39,3 +39,19 @@ def compare(actual: Any, reference: Any) -> dict[str, float]:
 
 def describe(m: dict[str, float]) -> str:
     return f"max abs {m['max_abs']:.3e}, mean abs {m['mean_abs']:.3e}, cosine {m['cosine']:.7f}, rel L2 {m['rel_l2']:.3e}"
+
+
+BASELINE_STEPS = 10  # openpi's default step count: the steps-vs-accuracy table compares against it
+
+
+def steps_table(actions: dict[int, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, float]]:
+    """Per step count: MSE and max abs of the artifact's actions against its own ``BASELINE_STEPS``-step
+    actions (what cutting steps costs on this backend) and against the fp32 PyTorch ``BASELINE_STEPS``-step
+    actions (what it costs in all), same noise. ``actions``: steps -> (artifact, reference) arrays."""
+    own, ref = (a.astype(np.float64) for a in actions[BASELINE_STEPS])
+    rows = []
+    for n in sorted(actions, reverse=True):
+        a = actions[n][0].astype(np.float64)
+        rows.append({"steps": n, "mse_vs_own": float(np.mean((a - own) ** 2)), "max_abs_vs_own": float(np.abs(a - own).max()),
+                     "mse_vs_reference": float(np.mean((a - ref) ** 2)), "max_abs_vs_reference": float(np.abs(a - ref).max())})
+    return rows

@@ -27,7 +27,7 @@ import numpy as np
 from pi05_export.artifacts import Manifest, staging_dir, tool_versions
 from pi05_export.components import Component, ComponentSpec
 from pi05_export.errors import ArtifactError
-from pi05_export.metrics import compare
+from pi05_export.metrics import BASELINE_STEPS, compare, steps_table
 from pi05_export.observation import Observation, load_observation, random_observation
 from pi05_export.runtime import Pipeline, open_pipeline, pipeline_for_model
 from pi05_export.runtime.backends import Backend, to_spec
@@ -36,7 +36,6 @@ from pi05_export.tolerances import Status, thresholds_for, worst
 log = logging.getLogger(__name__)
 REPORTS = "reports"
 DENOISE_STEPS_SAMPLED = 3  # component checks use the first, middle and last Euler step's inputs
-BASELINE_STEPS = 10  # openpi's default step count: the steps-vs-accuracy table compares against it
 
 
 @dataclass
@@ -243,19 +242,6 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
             if report.drift:
                 plot_drift(report, tmp / "drift.png")
     return report
-
-
-def steps_table(actions: dict[int, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, float]]:
-    """Per step count: MSE and max abs of the artifact's actions against its own ``BASELINE_STEPS``-step
-    actions (what cutting steps costs on this backend) and against the fp32 PyTorch ``BASELINE_STEPS``-step
-    actions (what it costs in all), same noise. ``actions``: steps -> (artifact, reference) arrays."""
-    own, ref = (a.astype(np.float64) for a in actions[BASELINE_STEPS])
-    rows = []
-    for n in sorted(actions, reverse=True):
-        a = actions[n][0].astype(np.float64)
-        rows.append({"steps": n, "mse_vs_own": float(np.mean((a - own) ** 2)), "max_abs_vs_own": float(np.abs(a - own).max()),
-                     "mse_vs_reference": float(np.mean((a - ref) ** 2)), "max_abs_vs_reference": float(np.abs(a - ref).max())})
-    return rows
 
 
 def _overflow_note(target: Pipeline, comp: Component, output: str, art_iters: Any, loader: list[Any], precision: str) -> str:

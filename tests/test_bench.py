@@ -88,11 +88,16 @@ def test_benchmarked_chain_is_sample_actions(tiny_model):
 
 
 def test_cli_json_line_and_steps_sweep(capsys):
-    code = run(["bench", "--preset", "tiny", "--random-init", "--steps", "3,1,2", *FAST])
+    code = run(["bench", "--preset", "tiny", "--random-init", "--steps", "3,1,2", "--pipelined", *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out.strip().splitlines()[-1])  # ONE JSON line, last on stdout
-    assert "denoise (1 step)" in captured.err and "pipelined" in captured.err  # human table on stderr
+    assert "denoise (1 step)" in captured.err and "pipe ms" in captured.err and "MSE vs fp32 10" in captured.err
+    table = {row["steps"]: row for row in result["steps_table"]}
+    assert sorted(table) == [1, 2, 3, 10]
+    assert table[10]["mse_vs_own"] == 0 and table[10]["max_abs_vs_own"] == 0
+    assert table[1]["max_abs_vs_own"] > table[3]["max_abs_vs_own"] > 0  # fewer steps, further from 10 steps
+    assert all(e["pipelined_period_ms"] > 0 and e["pipelined_hz"] > 0 for e in result["end_to_end"])
     assert set(result) >= {"settings", "environment", "ceilings", "components", "end_to_end", "memory", "stages"}
     assert result["settings"]["steps"] == [1, 2, 3]
     assert result["settings"]["shapes"]["views"] == 3
@@ -108,7 +113,7 @@ def test_cli_json_line_and_steps_sweep(capsys):
         n = e["steps"]
         assert e["hz"] == pytest.approx(1000 / e["median_ms"], rel=1e-4)
         assert e["sum_of_parts_ms"] == pytest.approx(med["vision"] + med["llm"] + n * med["denoise"], rel=1e-4)
-        assert e["pipelined_period_ms"] == pytest.approx(max(med["vision"], med["llm"] + n * med["denoise"]), rel=1e-4)
+        assert e["pipelined_estimate_ms"] == pytest.approx(max(med["vision"], med["llm"] + n * med["denoise"]), rel=1e-4)
         assert e["flops"] == pytest.approx(comps["vision"]["flops"] + comps["llm"]["flops"] + n * comps["denoise"]["flops"],
                                           rel=1e-4)
     assert result["memory"]["peak_mib"] > 0

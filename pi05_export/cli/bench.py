@@ -37,6 +37,10 @@ def bench(
     iters: Annotated[int, typer.Option("--iters", min=1, help="Timed calls per measurement.")] = 30,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Compute dtype (openpi policy keeps norms/projections fp32).")] = Dtype.bf16,
     device: Annotated[str, typer.Option("--device", help="cuda | cpu")] = "cuda",
+    pipelined: Annotated[bool, typer.Option("--pipelined", help="Also measure the two-stream pipeline's period per "
+                                            "action chunk (torch backends).")] = False,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Compare with eager PyTorch and print the steps-vs-"
+                                        "accuracy table (holds a temporary fp32 copy of the model).")] = True,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     random_init: RandomInitOpt = False,
@@ -52,6 +56,7 @@ def bench(
             model, source = load_bench_model(checkpoint, preset=preset, config=config, random_init=random_init,
                                              seed=seed, dtype=dtype.value, device=device)
     result = run_benchmark(model, backend=backend.value, artifacts=artifacts, steps=steps_t, batch=batch, warmup=warmup,
-                           iters=iters, dtype=dtype.value, device=device, seed=seed, source=source)
+                           iters=iters, dtype=dtype.value, device=device, seed=seed, source=source,
+                           check=check, pipelined=pipelined)
     typer.echo(format_table(result), err=True)
     typer.echo(result.to_json())

@@ -127,11 +127,15 @@ def time_frequencies(dim: int, min_period: float = TIME_MIN_PERIOD, max_period: 
     return freq
 
 
-def sinusoidal_time_embedding(t: torch.Tensor, freq: tuple[float, ...]) -> torch.Tensor:
+def sinusoidal_time_embedding(t: torch.Tensor, freq: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
     """openpi's ``posemb_sincos``: time [B] -> [B, 2 * len(freq)] = [sin(t * freq) | cos(t * freq)], fp32.
 
-    ``freq`` is :func:`time_frequencies` as a tuple of Python floats (exact in float32), held by the
-    model, so torch.compile and the ONNX exporter see a plain constant and never trace its numpy math.
+    ``freq`` is :func:`time_frequencies`, either as the model's tuple of Python floats (exact in
+    float32; torch.compile and the ONNX exporter see a plain constant and never trace its numpy math)
+    or as the same values already on ``t``'s device (float32 [W/2]): a CUDA graph cannot capture the
+    host-to-device copy the tuple form makes on every call.
     """
-    angles = t.to(torch.float32)[:, None] * torch.tensor(freq, dtype=torch.float32, device=t.device)[None, :]
+    if not isinstance(freq, torch.Tensor):
+        freq = torch.tensor(freq, dtype=torch.float32, device=t.device)
+    angles = t.to(torch.float32)[:, None] * freq[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)

@@ -103,10 +103,13 @@ class Pi05Model(nn.Module):
         embeds, prefix_mask = self.embed_prefix(image_embeds, image_mask, tokens, token_mask)
         return self.llm.prefix_kv_cache(embeds, prefix_mask), prefix_mask
 
-    def embed_suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noisy actions [B, H, A] and time [B] -> (suffix_embeds [B, H, W], adarms_cond [B, W]), fp32."""
+    def embed_suffix(self, x_t: torch.Tensor, t: torch.Tensor,
+                     time_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy actions [B, H, A] and time [B] -> (suffix_embeds [B, H, W], adarms_cond [B, W]), fp32.
+
+        ``time_freq``: :attr:`time_freq` already on the device (float32 [W/2]), for CUDA graph capture."""
         suffix = self.action_in_proj(x_t.float())
-        emb = sinusoidal_time_embedding(t, self.time_freq)
+        emb = sinusoidal_time_embedding(t, self.time_freq if time_freq is None else time_freq)
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
         return suffix, cond
 
@@ -118,9 +121,10 @@ class Pi05Model(nn.Module):
     def project_velocity(self, suffix_hidden: torch.Tensor) -> torch.Tensor:
         return self.action_out_proj(suffix_hidden.float())
 
-    def denoise_step(self, x_t: torch.Tensor, t: torch.Tensor, kv_cache: torch.Tensor, prefix_mask: torch.Tensor) -> torch.Tensor:
-        """One flow-matching velocity evaluation v_t [B, H, A] (fp32)."""
-        suffix, cond = self.embed_suffix(x_t, t)
+    def denoise_step(self, x_t: torch.Tensor, t: torch.Tensor, kv_cache: torch.Tensor, prefix_mask: torch.Tensor,
+                     time_freq: torch.Tensor | None = None) -> torch.Tensor:
+        """One flow-matching velocity evaluation v_t [B, H, A] (fp32); ``time_freq`` as in :meth:`embed_suffix`."""
+        suffix, cond = self.embed_suffix(x_t, t, time_freq)
         return self.project_velocity(self.expert_hidden(suffix, cond, kv_cache, prefix_mask))
 
     # -- full pipeline --------------------------------------------------------------------------
