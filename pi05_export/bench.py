@@ -537,12 +537,14 @@ def run_benchmark(
             stages = _torch_stages(model, backend, inp, cuda, compiler)
         results = _measure(stages, inp, grids, batch, warmup, iters)
         if pipelined and stages.sampler is not None:
+            log.info("timing the two-stream pipeline")
             results["pipelined"] = {n: _measure_pipelined(stages.sampler, inp, n, warmup, iters) for n in steps_t}
         peak_mib = _memory_mib(dev)
         check_result, table = None, []
         if check and backend in TORCH_BACKENDS and backend != "torch":
             check_result = _check_against_eager(model, stages, inp, grids[max(steps_t)], cuda)
         if check and backend in TORCH_BACKENDS:
+            log.info("steps-vs-accuracy table against an fp32 eager copy")
             table = _steps_table(model, stages, inp, steps_t)
 
     components = {}

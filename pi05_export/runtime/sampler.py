@@ -40,20 +40,24 @@ class GraphedCall:
     """``fn`` captured in a CUDA graph over static input tensors. Inputs that are not the static
     tensors themselves are copied in before each replay; the output tensors are reused by every replay.
 
-    Two warm-up calls run on a side stream first (torch's recipe for capture: lazy initialisation and
-    allocator state settle outside the graph). Raises whatever ``fn`` or the capture raises.
+    Two warm-up calls run on the capture stream first (torch's recipe for capture: lazy initialisation
+    and allocator state settle outside the graph). ``stream``: the stream to capture on. Graphs that may
+    replay concurrently must be captured on different streams: cuBLAS keeps one workspace per stream,
+    and a graph bakes the workspace of its capture stream in, so two graphs captured on one stream and
+    replayed at once share split-K scratch (seen as a hang on the H200). Raises whatever ``fn`` or the
+    capture raises.
     """
 
-    def __init__(self, fn: Callable[..., Any], static_args: Sequence[Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], static_args: Sequence[Any], *, stream: torch.cuda.Stream | None = None) -> None:
         self.args = list(static_args)
-        side = torch.cuda.Stream()
+        side = stream if stream is not None else torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 fn(*self.args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):
             self.out = fn(*self.args)
 
     def __call__(self, *args: Any) -> Any:
@@ -108,6 +112,8 @@ class SampleSlot:
         self._grids: dict[int, list[torch.Tensor]] = {}
         self.kv_cache: torch.Tensor | None = None
         self.prefix_mask: torch.Tensor | None = None
+        # one capture stream per slot: this slot's graphs get their own cuBLAS workspace (GraphedCall)
+        self._capture = torch.cuda.Stream(self.device) if graphs else None
 
     def load(self, batch: dict[str, torch.Tensor]) -> None:
         """Copy one observation's inputs (same shapes and dtypes as the static ones) into this slot."""
@@ -129,7 +135,7 @@ class SampleSlot:
             self.kv_cache, self.prefix_mask = self.fns.encode(*args)
             return
         if self._encode is None:
-            self._encode = GraphedCall(self.fns.encode, args)
+            self._encode = GraphedCall(self.fns.encode, args, stream=self._capture)
         self.kv_cache, self.prefix_mask = self._encode(*args)
 
     def denoise(self, steps: int) -> torch.Tensor:
@@ -141,7 +147,7 @@ class SampleSlot:
         if not self.graphs:
             return denoise_loop(self.fns.denoise, *args)
         if steps not in self._loops:
-            self._loops[steps] = GraphedCall(lambda *a: denoise_loop(self.fns.denoise, *a), args)
+            self._loops[steps] = GraphedCall(lambda *a: denoise_loop(self.fns.denoise, *a), args, stream=self._capture)
         return self._loops[steps](*args)  # type: ignore[no-any-return]
 
     def prepare(self, steps: int) -> None:
@@ -193,7 +199,9 @@ class Sampler:
         if self.cuda:
             torch.cuda.synchronize(slots[0].device)
         enc_stream = torch.cuda.Stream(slots[0].device) if self.cuda else None
-        den_stream = torch.cuda.Stream(slots[0].device) if self.cuda else None
+        # the denoise stream gets the higher priority: its small latency-bound kernels take SMs as soon as
+        # they free up, and the encode of the next observation fills the rest
+        den_stream = torch.cuda.Stream(slots[0].device, priority=-1) if self.cuda else None
         encoded = [torch.cuda.Event() if self.cuda else None for _ in slots]
         freed = [torch.cuda.Event() if self.cuda else None for _ in slots]
         host = [torch.empty(tuple(s.inputs["noise"].shape), dtype=torch.float32, pin_memory=self.cuda) for s in slots]
