@@ -359,7 +359,7 @@ def _lora_pairs(leaves: dict[str, _Leaf]) -> dict[str, LoraPair]:
                                   hint="openpi puts LoRA on the Gemma attention and MLP weights only (gemma_*_lora variants)")
         found.setdefault(base, {})[path[-1]] = path
     pairs: dict[str, LoraPair] = {}
-    for base, parts in found.items():
+    for base, parts in sorted(found.items()):
         if set(parts) != {"a", "b"}:
             have = next(iter(parts.values()))
             raise CheckpointError(f"LoRA leaf {have} has no lora_{'b' if 'a' in parts else 'a'} partner",

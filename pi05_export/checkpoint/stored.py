@@ -91,8 +91,8 @@ def plan_parameters(stored: dict[str, Stored], ckpt_dir: Path) -> tuple[dict[str
         params[base] = ParamSource(s)
     # FP8 scale companions and their activation scales.
     for key in list(params):
-        src = params[key]
-        if src.weight.dtype not in FP8_DTYPES:
+        src = params.get(key)  # None: a scale consumed above
+        if src is None or src.weight.dtype not in FP8_DTYPES:
             continue
         for suffix in SCALE_SUFFIXES:
             scale = params.get(key + suffix)
@@ -104,7 +104,7 @@ def plan_parameters(stored: dict[str, Stored], ckpt_dir: Path) -> tuple[dict[str
         module = key.rpartition(".")[0]
         for act in (f"{module}.input_scale", f"{module}.output_scale"):
             if act in params:
-                log.info("%s: activation scale of an FP8 weight, not needed once the weight is dequantized", act)
+                log.debug("%s: activation scale of an FP8 weight, not needed once the weight is dequantized", act)
                 consumed.append(params.pop(act).weight.key)
     if lora:
         scaling = _peft_scaling(ckpt_dir, next(iter(lora.values())), len(lora))
