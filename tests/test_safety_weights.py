@@ -240,7 +240,7 @@ def test_convert_merges_openpi_lora_exactly(tmp_path, capsys):
         lin = {n: sd[f"{prefix}.layers.{layer}.{n}.weight"].double().numpy()
                for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
 
-        def leaf(name: str) -> np.ndarray:
+        def leaf(name: str, layer: int = layer) -> np.ndarray:
             return p[name][layer].astype(np.float64)
 
         x = rng.standard_normal((2, 5, width))
