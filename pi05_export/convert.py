@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pi05_export.artifacts import Manifest, staging_dir
+from pi05_export.artifacts import CHECKPOINT_STAGE, Manifest, staging_dir
 from pi05_export.checkpoint.io import (
     CONFIG_NAME,
     EMBED_KEY,
@@ -733,7 +733,7 @@ def convert_checkpoint(
                  ", ".join(sorted({LORA_VARIANTS[src.leaves[p.a].shape[-1]][0] for p in lora.values()})))
 
     context = ocp.type_handlers.get_ts_context(use_ocdbt=src.use_ocdbt)
-    with staging_dir(out_dir, stage="convert") as tmp:
+    with staging_dir(out_dir, stage=CHECKPOINT_STAGE) as tmp:
         writer = _SafetensorsStream(tmp, plan, max_shard_bytes)
         done = 0
         for path, rules in order:
@@ -761,7 +761,7 @@ def convert_checkpoint(
         if src.assets_dir is not None:
             shutil.copytree(src.assets_dir, tmp / "assets")
         manifest = Manifest(
-            stage="convert",
+            stage=CHECKPOINT_STAGE,
             config=cfg.to_dict(),
             source={"kind": "orbax", "path": str(Path(jax_ckpt).absolute()), "leaves": len(src.leaves),
                     "stored_dtypes": sorted({leaf.dtype for leaf in src.leaves.values()})},

@@ -54,7 +54,7 @@ def convert(
         f"{cfg['max_token_len']}, num_views {cfg['num_views']}, num_steps {cfg['num_steps']} "
         f"({extra['config_from']['max_token_len, num_views, num_steps']})"
         + (f"; merged LoRA into {len(extra['lora_merged'])} weight(s)" if extra["lora_merged"] else ""),
-        markup=False, highlight=False,
+        markup=False, highlight=False, soft_wrap=True,
     )
     err_console.print(
         f"wrote {out}: {extra['tensors']} tensors, {extra['bytes'] / 1e9:.2f} GB in {len(extra['files'])} file(s), "
