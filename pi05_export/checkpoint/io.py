@@ -36,7 +36,6 @@ EMBED_KEY = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.w
 LM_HEAD_KEY = "paligemma_with_expert.paligemma.lm_head.weight"
 EXPERT_LM_HEAD_KEY = "paligemma_with_expert.gemma_expert.lm_head.weight"
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class Layout(str, enum.Enum):

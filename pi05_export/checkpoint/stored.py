@@ -39,7 +39,7 @@ from pi05_export.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALE_SUFFIXES = ("_scale", "_scale_inv")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -182,17 +182,19 @@ def materialize(src: ParamSource, read: Any, dtype: torch.dtype) -> torch.Tensor
             raise CheckpointError(f"LoRA {a.key} {list(ta.shape)} and {b.key} {list(tb.shape)} do not fit "
                                   f"{src.weight.key} {list(tensor.shape)}", hint="the adapter belongs to another model")
         tensor = tensor.float() + scaling * (tb @ ta)
-    return check_finite(src.weight.key, tensor.to(dtype), stored=src.weight.dtype)
+    cast = FLOAT_DTYPES.get(src.weight.dtype) != dtype or src.scale is not None or src.lora is not None
+    return check_finite(src.weight.key, tensor.to(dtype), stored=src.weight.dtype if cast else None)
 
 
 def check_finite(key: str, tensor: torch.Tensor, stored: str | None = None) -> torch.Tensor:
-    """``tensor`` unchanged, or :class:`CheckpointError` naming ``key`` and how many values are NaN/inf."""
+    """``tensor`` unchanged, or :class:`CheckpointError` naming ``key`` and how many values are NaN/inf
+    (``stored``: the stored dtype, named when the tensor was cast or dequantized from it)."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         nan = int(torch.isnan(tensor).sum())
         raise CheckpointError(
-            f"{key} has {bad} non-finite value(s) of {tensor.numel()} ({nan} NaN, {bad - nan} inf) as {_short(tensor.dtype)}"
-            + (f" (stored {stored})" if stored else ""),
+            f"{key} has {bad} non-finite value(s) of {tensor.numel()} ({nan} NaN, {bad - nan} inf)"
+            + (f" as {_short(tensor.dtype)} (stored {stored})" if stored else ""),
             hint="the checkpoint is corrupt or its training diverged; use another checkpoint"
             + (" (or load it in float32/bfloat16 if it overflows float16)" if tensor.dtype == torch.float16 else ""),
         )
