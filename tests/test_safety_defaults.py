@@ -15,25 +15,12 @@ from pi05_export.checkpoint import load_checkpoint, save_checkpoint
 from pi05_export.cli import run
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ConfigError
+from tests.cli_checks import assert_refused, snapshot
 
 TINY = Pi05Config.from_name("tiny")
 HORIZONS = "presets pi05 50, tiny 10; openpi pi05_aloha 50, pi05_droid 15, pi05_libero 10"
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
-
-
-def _refused(capsys: pytest.CaptureFixture[str], root: Path, argv: list[str], fragment: str) -> str:
-    """``argv`` exits 2 with one ``error:`` line holding ``fragment``, and no file under ``root`` changes."""
-    before = _snapshot(root)
-    code = run(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in err, err
-    assert _snapshot(root) == before
-    return err
 
 
 # -- convert: the horizon is required, and the values taken are printed ------------------------------
@@ -46,7 +33,7 @@ def jax_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_convert_without_a_horizon_is_refused(jax_ckpt, tmp_path, capsys):
-    _refused(capsys, tmp_path, ["convert", str(jax_ckpt), "--out", str(tmp_path / "pt")],
+    assert_refused(capsys, tmp_path, ["convert", str(jax_ckpt), "--out", str(tmp_path / "pt")],
              f"an openpi JAX checkpoint does not record its action horizon, and the horizon changes the actions (hint: pass --action-horizon N or "
              f"--preset/--config ({HORIZONS}))")
     assert not (tmp_path / "pt").exists()
@@ -59,19 +46,19 @@ def test_convert_without_a_horizon_is_refused(jax_ckpt, tmp_path, capsys):
     (["--preset", "tiny", "--action-horizon", "15"], 15, "action_horizon 15 (--action-horizon); max_token_len 16"),
 ])
 def test_convert_prints_the_values_it_takes(jax_ckpt, tmp_path, capsys, extra, horizon, said):
-    before = _snapshot(jax_ckpt)
+    before = snapshot(jax_ckpt)
     assert run(["convert", str(jax_ckpt), "--out", str(tmp_path / "pt"), *extra]) == 0
     err = capsys.readouterr().err
     assert f"config: {said}" in err, err
     assert json.loads((tmp_path / "pt" / "config.json").read_text())["action_horizon"] == horizon
-    assert _snapshot(jax_ckpt) == before
+    assert snapshot(jax_ckpt) == before
 
 
 def test_validate_on_a_converted_checkpoint_names_it(jax_ckpt, tmp_path, capsys):
     """The converted directory's own manifest is named, not the JAX checkpoint it came from."""
     assert run(["convert", str(jax_ckpt), "--out", str(tmp_path / "pt"), "--preset", "tiny"]) == 0
     capsys.readouterr()
-    err = _refused(capsys, tmp_path, ["validate", str(tmp_path / "pt")],
+    err = assert_refused(capsys, tmp_path, ["validate", str(tmp_path / "pt")],
                    f"{tmp_path / 'pt'} is a checkpoint written by `pi05-export convert`, not an export directory "
                    f"(hint: export it first: pi05-export onnx {tmp_path / 'pt'} --out OUT, then pass OUT)")
     assert str(jax_ckpt) not in err
@@ -83,7 +70,7 @@ def test_validate_on_a_converted_checkpoint_names_it(jax_ckpt, tmp_path, capsys)
 def test_checkpoint_without_config_json_is_refused(tiny_model, tmp_path, capsys):
     ckpt = save_checkpoint(tiny_model, tmp_path / "ck", "openpi")
     (ckpt / "config.json").unlink()
-    _refused(capsys, tmp_path, ["onnx", str(ckpt), "--out", str(tmp_path / "out")],
+    assert_refused(capsys, tmp_path, ["onnx", str(ckpt), "--out", str(tmp_path / "out")],
              f"no config.json next to the checkpoint {ckpt}: its action horizon and token length are unknown")
     (tmp_path / "tiny.json").write_text(json.dumps(TINY.to_dict()))
     model, info = load_checkpoint(ckpt, tmp_path / "tiny.json")
@@ -95,7 +82,7 @@ def test_openpi_config_json_without_horizon_is_refused(tiny_model, tmp_path, cap
     data = json.loads((ckpt / "config.json").read_text())
     del data["pi05_export"], data["action_horizon"]  # what openpi's own converter may leave
     (ckpt / "config.json").write_text(json.dumps(data))
-    _refused(capsys, tmp_path, ["info", str(ckpt)], f"{ckpt / 'config.json'} has no action_horizon (or chunk_size)")
+    assert_refused(capsys, tmp_path, ["info", str(ckpt)], f"{ckpt / 'config.json'} has no action_horizon (or chunk_size)")
 
 
 # -- calibration: built for a stated model, mismatches named, required for checkpoints ---------------
@@ -108,7 +95,7 @@ def _obs(path: Path, cfg: Pi05Config = TINY) -> Path:
 
 def test_calibration_build_needs_a_config(tmp_path, capsys):
     obs = _obs(tmp_path / "obs.npz")
-    _refused(capsys, tmp_path, ["calibration-build", str(obs), "--out", str(tmp_path / "cal")],
+    assert_refused(capsys, tmp_path, ["calibration-build", str(obs), "--out", str(tmp_path / "cal")],
              "calibration-build needs exactly one of --config or --preset")
     assert not (tmp_path / "cal").exists()
 
@@ -142,7 +129,7 @@ def test_calibration_mismatch_names_every_field_that_differs(tmp_path):
 
 def test_quantize_a_checkpoint_without_calibration_is_refused(tiny_model, tmp_path, capsys):
     ckpt = save_checkpoint(tiny_model, tmp_path / "ck", "openpi")
-    _refused(capsys, tmp_path, ["quantize", str(ckpt), "--recipe", "fp8", "--out", str(tmp_path / "out")],
+    assert_refused(capsys, tmp_path, ["quantize", str(ckpt), "--recipe", "fp8", "--out", str(tmp_path / "out")],
              "quantizing a checkpoint needs --calibration DIR: the built-in set is stock photos with stand-in byte tokens")
     assert not (tmp_path / "out").exists()
 

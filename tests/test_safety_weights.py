@@ -19,13 +19,10 @@ from safetensors.torch import load_file, save_file
 from pi05_export.checkpoint import load_checkpoint, save_checkpoint
 from pi05_export.cli import run
 from pi05_export.errors import CheckpointError
+from tests.cli_checks import assert_refused, snapshot
 
 Q = "paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj"
 GATE = "paligemma_with_expert.gemma_expert.model.layers.1.mlp.gate_proj"
-
-
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 def _checkpoint(tiny_model, root: Path, edit: Callable[[dict[str, torch.Tensor]], None], **save) -> Path:  # type: ignore[no-untyped-def]
@@ -38,16 +35,12 @@ def _checkpoint(tiny_model, root: Path, edit: Callable[[dict[str, torch.Tensor]]
     return ckpt
 
 
+
+
 def _refused(capsys: pytest.CaptureFixture[str], root: Path, ckpt: Path, fragment: str) -> str:
-    """``pi05-export onnx CKPT --out OUT`` exits 2 with one line holding ``fragment``; nothing is written."""
-    before = _snapshot(root)
-    out = root / "out"
-    code = run(["onnx", str(ckpt), "--out", str(out)])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in err, err
-    assert not out.exists() and _snapshot(root) == before
+    """``pi05-export onnx CKPT --out OUT`` is refused in one line and writes nothing."""
+    err = assert_refused(capsys, root, ["onnx", str(ckpt), "--out", str(root / "out")], fragment)
+    assert not (root / "out").exists()
     return err
 
 
@@ -227,11 +220,11 @@ def test_convert_merges_openpi_lora_exactly(tmp_path, capsys):
 
     p = _jax_lora_params()
     jax = write_orbax_checkpoint(tmp_path / "jax", p)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     assert run(["convert", str(jax), "--out", str(tmp_path / "pt"), "--action-horizon", "10"]) == 0
     err = capsys.readouterr().err
     assert "merged LoRA into 10 weight(s)" in err and "action_horizon 10 (--action-horizon)" in err, err
-    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith("pt/")} == before
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("pt/")} == before
     sd = load_file(str(tmp_path / "pt" / "model.safetensors"))
     rng = np.random.default_rng(3)
     for sfx, prefix, width, mlp, scale in (("", "paligemma_with_expert.paligemma.model.language_model", 64, 128, 16 / 16),
@@ -268,13 +261,13 @@ def test_convert_refuses_a_lora_rank_with_unknown_alpha(tmp_path, capsys):
     from pi05_export.testing.orbax_ckpt import write_orbax_checkpoint
 
     jax = write_orbax_checkpoint(tmp_path / "jax", _jax_lora_params(rank_llm=8))
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code = run(["convert", str(jax), "--out", str(tmp_path / "pt"), "--preset", "tiny"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "LoRA rank 8 on PaliGemma/llm/layers/attn/attn_vec_einsum/w is not one of openpi's variants (gemma_2b_lora " \
            "rank 16 alpha 16, gemma_300m_lora rank 32 alpha 32), so its alpha is unknown" in err, err
-    assert not (tmp_path / "pt").exists() and _snapshot(tmp_path) == before
+    assert not (tmp_path / "pt").exists() and snapshot(tmp_path) == before
 
 
 def test_convert_refuses_non_finite_leaves(tmp_path, capsys):
@@ -285,9 +278,9 @@ def test_convert_refuses_non_finite_leaves(tmp_path, capsys):
     params = random_jax_params(Pi05Config.from_name("tiny"), seed=0)
     params["action_out_proj/bias"][2] = np.nan
     jax = write_orbax_checkpoint(tmp_path / "jax", params)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code = run(["convert", str(jax), "--out", str(tmp_path / "pt"), "--preset", "tiny"])
     err = capsys.readouterr().err
     assert code == 2 and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, err
     assert "action_out_proj/bias -> action_out_proj.bias has 1 non-finite value(s) of 32 (1 NaN, 0 inf)" in err, err
-    assert not (tmp_path / "pt").exists() and _snapshot(tmp_path) == before
+    assert not (tmp_path / "pt").exists() and snapshot(tmp_path) == before
