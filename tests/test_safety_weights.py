@@ -284,3 +284,14 @@ def test_convert_refuses_non_finite_leaves(tmp_path, capsys):
     assert code == 2 and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, err
     assert "action_out_proj/bias -> action_out_proj.bias has 1 non-finite value(s) of 32 (1 NaN, 0 inf)" in err, err
     assert not (tmp_path / "pt").exists() and snapshot(tmp_path) == before
+
+
+def test_finite_check_is_not_fooled_by_an_overflowing_sum():
+    """The sum screen trips on large finite values (fp16 sum past 65504); the exact count then passes them."""
+    from pi05_export.checkpoint.stored import check_finite
+
+    big = torch.full((10,), 60000.0, dtype=torch.float16)
+    assert check_finite("k", big) is big
+    big[3] = float("-inf")
+    with pytest.raises(CheckpointError, match=r"k has 1 non-finite value\(s\) of 10 \(0 NaN, 1 inf\)"):
+        check_finite("k", big)

@@ -189,7 +189,9 @@ def materialize(src: ParamSource, read: Any, dtype: torch.dtype) -> torch.Tensor
 def check_finite(key: str, tensor: torch.Tensor, stored: str | None = None) -> torch.Tensor:
     """``tensor`` unchanged, or :class:`CheckpointError` naming ``key`` and how many values are NaN/inf
     (``stored``: the stored dtype, named when the tensor was cast or dequantized from it)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    # Screen with the sum (a NaN/inf anywhere makes it non-finite; ~40x faster than isfinite over every
+    # value: 3.35 B parameters in about half a second on 2 cores); count exactly only when it trips.
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         nan = int(torch.isnan(tensor).sum())
         raise CheckpointError(
