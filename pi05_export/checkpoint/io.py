@@ -37,7 +37,6 @@ LM_HEAD_KEY = "paligemma_with_expert.paligemma.lm_head.weight"
 EXPERT_LM_HEAD_KEY = "paligemma_with_expert.gemma_expert.lm_head.weight"
 
 
-
 class Layout(str, enum.Enum):
     openpi = "openpi"
     lerobot = "lerobot"
