@@ -140,3 +140,21 @@ def test_config_file_is_read_through_the_block_this_tool_wrote(tiny_model, tmp_p
     (tmp_path / "bad.json").write_text(json.dumps({"paligemma_variant": "gemma_2b"}))
     with pytest.raises(ConfigError, match="has no action_horizon"):
         Pi05Config.from_file(tmp_path / "bad.json")
+
+
+def test_a_converted_checkpoint_runs_as_a_checkpoint(tiny_policy_dir, tmp_path):
+    """``convert`` writes a manifest too; the policy runtime must still load the directory as weights, not as
+    an export (whose manifest would send it to the JAX checkpoint the weights came from)."""
+    import shutil
+
+    from pi05_export.artifacts import CHECKPOINT_STAGE, Manifest
+    from pi05_export.policy import load_policy
+    from pi05_export.testing.tiny_policy import example_observation
+
+    ckpt = tmp_path / "pt"
+    shutil.copytree(tiny_policy_dir, ckpt)
+    Manifest(stage=CHECKPOINT_STAGE, config=TINY.to_dict(), source={"kind": "orbax", "path": str(tmp_path / "gone")},
+             precision="fp32").write(ckpt)
+    result = load_policy(ckpt, robot="libero", device="cpu", seed=0).infer(example_observation("libero"))
+    want = load_policy(tiny_policy_dir, robot="libero", device="cpu", seed=0).infer(example_observation("libero"))
+    assert result["actions"].shape == (10, 7) and (result["actions"] == want["actions"]).all()
