@@ -82,7 +82,8 @@ def _convert_child(args: argparse.Namespace) -> dict:
     from pi05_export.convert import convert_checkpoint
 
     t0 = time.perf_counter()
-    manifest = convert_checkpoint(Path(args.workdir) / "jax", Path(args.workdir) / "pt", precision=args.precision)
+    manifest = convert_checkpoint(Path(args.workdir) / "jax", Path(args.workdir) / "pt", precision=args.precision,
+                                  config=args.preset)
     return {"convert_s": round(time.perf_counter() - t0, 1), "convert_peak_rss": _peak_rss(),
             "tensors": manifest.extra["tensors"], "out_bytes": manifest.extra["bytes"], "files": manifest.extra["files"]}
 

@@ -26,6 +26,9 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+CHECKPOINT_STAGE = "convert"  # the one stage whose output is a checkpoint directory, not an export
+
+
 def resolve_inside(base: str | Path, name: object, what: str, *, error: type[Pi05ExportError] = ArtifactError,
                    hub_links: bool = False) -> Path:
     """``base / name`` for a ``name`` read from a file (manifest, recipe, shard index, processor config).
@@ -213,6 +216,9 @@ class Manifest:
             )
         if stage is not None and manifest.stage != stage:
             raise ArtifactError(f"{path} was written by stage {manifest.stage!r}, expected {stage!r}", hint=hint)
+        if stage is None and manifest.stage == CHECKPOINT_STAGE:  # every other reader wants an export directory
+            raise ArtifactError(f"{directory} is a checkpoint written by `pi05-export convert`, not an export directory",
+                                hint=f"export it first: pi05-export onnx {directory} --out OUT, then pass OUT")
         return manifest
 
     def component_path(self, directory: str | Path, name: str) -> Path:

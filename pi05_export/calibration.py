@@ -177,11 +177,11 @@ def load_calibration_set(directory: str | Path | None, cfg: Pi05Config, samples:
     if not meta_path.is_file():
         raise InputError(f"{directory} is not a calibration set (no {META_NAME})", hint="build one with `pi05-export calibration-build`")
     meta = json.loads(meta_path.read_text())
-    if not _fits(meta, cfg):
+    differ = mismatches(meta, cfg)
+    if differ:
         raise InputError(
-            f"calibration set {directory} was built for image size {meta.get('image_size')}, {meta.get('num_views')} views, "
-            f"{meta.get('max_token_len')} tokens; the model needs {cfg.vision.image_size}, {cfg.num_views}, {cfg.max_token_len}",
-            hint="rebuild it for this config: `pi05-export calibration-build ... --preset/--config ...`",
+            f"calibration set {directory} does not fit the model: {'; '.join(differ)}",
+            hint="rebuild it for this model: `pi05-export calibration-build ... --config CHECKPOINT/config.json`",
         )
     files = sorted(directory.glob("calib_*.npz"))[:samples]
     if not files:
@@ -190,10 +190,16 @@ def load_calibration_set(directory: str | Path | None, cfg: Pi05Config, samples:
                                                        "tokenizer": meta.get("tokenizer")}
 
 
-def _fits(meta: dict[str, Any], cfg: Pi05Config) -> bool:
+def mismatches(meta: dict[str, Any], cfg: Pi05Config) -> list[str]:
+    """Every size a calibration set (its ``calibration.json``) was built for that differs from ``cfg``,
+    as ``"action_horizon: set 50, model 10"``; empty when the set fits."""
     want = {"image_size": cfg.vision.image_size, "num_views": cfg.num_views, "max_token_len": cfg.max_token_len,
             "vocab_size": cfg.llm.vocab_size, "action_horizon": cfg.action_horizon, "action_dim": cfg.action_dim}
-    return all(meta.get(k) == v for k, v in want.items())
+    return [f"{k}: set {meta.get(k)}, model {v}" for k, v in want.items() if meta.get(k) != v]
+
+
+def _fits(meta: dict[str, Any], cfg: Pi05Config) -> bool:
+    return not mismatches(meta, cfg)
 
 
 __all__ = ["build_calibration_set", "load_calibration_set", "photo_observations", "tokenize_fallback", "save_npz"]

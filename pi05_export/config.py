@@ -172,12 +172,20 @@ class Pi05Config:
             text = path.read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}", hint="pass an existing file") from None
+        try:  # JSON first: YAML 1.1 reads JSON's 1e-06 as the string "1e-06"
+            data = json.loads(text)
+        except ValueError:
+            data = None
         try:
-            data = yaml.safe_load(text)  # YAML is a superset of JSON
+            data = yaml.safe_load(text) if data is None else data  # YAML is a superset of JSON
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid JSON/YAML: {e}".splitlines()[0], hint="fix the syntax") from None
         if isinstance(data, dict) and isinstance(data.get(CHECKPOINT_CONFIG_KEY), dict):  # a config.json this tool wrote
             return cls.from_dict(data[CHECKPOINT_CONFIG_KEY])
+        if isinstance(data, dict) and ("paligemma_variant" in data or data.get("type") == "pi05"):
+            from pi05_export.checkpoint.io import config_from_json  # an openpi-converter or lerobot config.json
+
+            return config_from_json(data, str(path))
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pi05_export.artifacts import Manifest, staging_dir
+from pi05_export.artifacts import CHECKPOINT_STAGE, Manifest, staging_dir
 from pi05_export.checkpoint.io import (
     CONFIG_NAME,
     EMBED_KEY,
@@ -42,7 +42,9 @@ from pi05_export.checkpoint.io import (
     WEIGHTS_NAME,
     Layout,
     checkpoint_config_json,
+    known_horizons,
 )
+from pi05_export.checkpoint.stored import check_finite
 from pi05_export.config import PRESETS, GemmaConfig, Pi05Config, SiglipConfig
 from pi05_export.errors import CheckpointError, ConfigError, DependencyError
 
@@ -300,14 +302,90 @@ def _read_tree(ckpt: Path) -> _Source:
     return _Source(params_dir, assets_dir, leaves, use_ocdbt, bool(getattr(item, "use_zarr3", False)))
 
 
+# -- LoRA ------------------------------------------------------------------------------------------
+# openpi's LoRA variants fix rank and alpha per variant name (openpi src/openpi/models/gemma.py,
+# get_config): rank -> (variant, alpha). The rank is read from the lora_a leaves.
+LORA_VARIANTS: dict[int, tuple[str, float]] = {16: ("gemma_2b_lora", 16.0), 32: ("gemma_300m_lora", 32.0)}
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The unmerged LoRA factors of one base leaf (stacked over layers like the base).
+
+    openpi (``src/openpi/models/lora.py``): ``lora_a`` has the base shape with the last axis replaced
+    by the rank, ``lora_b`` the base shape with the second-to-last replaced. ``scaling`` is
+    ``alpha / rank`` for attention ``Einsum`` leaves (``LoRAConfig.scaling_value``, rslora off in every
+    openpi variant) and 1 for the ``FeedForward`` leaves, whose ``_dot`` adds ``x @ a @ b`` unscaled.
+    ``sum_b_heads``: ``attn_vec_einsum`` (``BTNH,NHD->BTD``) contracts the heads in its ``lora_a``
+    einsum (``BTNH,NHL->BTL``), so its ``lora_b`` einsum (``BTL,NLD->BTD``) sums ``lora_b`` over heads.
+    """
+
+    a: str
+    b: str
+    scaling: float
+    sum_b_heads: bool
+
+    def delta(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The weight delta of one layer, float32, in the base leaf's (JAX) layout: the exact linear
+        map of openpi's two LoRA einsums, so ``einsum(eqn, x, w + delta)`` equals openpi's output."""
+        a32, b32 = a.astype(np.float32), b.astype(np.float32)
+        if self.sum_b_heads:
+            b32 = b32.sum(axis=0)
+        return np.matmul(a32, b32) * np.float32(self.scaling)
+
+
+def _lora_base(path: str) -> str | None:
+    """The base leaf of a LoRA leaf: ``.../q_einsum/lora_a`` -> ``.../q_einsum/w``,
+    ``.../mlp/gating_einsum_lora_b`` -> ``.../mlp/gating_einsum``; None for other leaves."""
+    parent, _, name = path.rpartition("/")
+    if name in ("lora_a", "lora_b"):
+        return f"{parent}/w"
+    for suffix in ("_lora_a", "_lora_b"):
+        if name.endswith(suffix):
+            return f"{parent}/{name.removesuffix(suffix)}"
+    return None
+
+
+def _lora_pairs(leaves: dict[str, _Leaf]) -> dict[str, LoraPair]:
+    """Base leaf -> its LoRA pair, with every shape and rank checked; one-line errors otherwise."""
+    known = {r.leaf for r in KEY_MAP}
+    found: dict[str, dict[str, str]] = {}
+    for path in leaves:
+        if "lora" not in path.rsplit("/", 1)[-1].lower():
+            continue
+        base = _lora_base(path)
+        if base is None or base not in known:
+            raise CheckpointError(f"LoRA leaf {path} has no base weight this converter knows",
+                                  hint="openpi puts LoRA on the Gemma attention and MLP weights only (gemma_*_lora variants)")
+        found.setdefault(base, {})[path[-1]] = path
+    pairs: dict[str, LoraPair] = {}
+    for base, parts in sorted(found.items()):
+        if set(parts) != {"a", "b"}:
+            have = next(iter(parts.values()))
+            raise CheckpointError(f"LoRA leaf {have} has no lora_{'b' if 'a' in parts else 'a'} partner",
+                                  hint="the checkpoint is incomplete; save the whole params tree")
+        shape, a, b = leaves[base].shape, leaves[parts["a"]].shape, leaves[parts["b"]].shape
+        rank = a[-1] if a else 0
+        if a != (*shape[:-1], rank) or b != (*shape[:-2], rank, shape[-1]):
+            raise CheckpointError(f"LoRA leaves of {base} {list(shape)} have shapes {list(a)} and {list(b)}, not openpi's "
+                                  f"[..., rank] / [..., rank, {shape[-1]}] layout", hint="the checkpoint is corrupt")
+        if rank not in LORA_VARIANTS:
+            known_ranks = ", ".join(f"{v} rank {r} alpha {al:g}" for r, (v, al) in LORA_VARIANTS.items())
+            raise CheckpointError(f"LoRA rank {rank} on {base} is not one of openpi's variants ({known_ranks}), so its "
+                                  "alpha is unknown", hint="merge the LoRA weights with your training code, then convert")
+        attention = "/attn/" in base
+        pairs[base] = LoraPair(parts["a"], parts["b"], LORA_VARIANTS[rank][1] / rank if attention else 1.0,
+                               sum_b_heads="/attn_vec_einsum" in base)
+    return pairs
+
+
 def _check_tree(leaves: dict[str, _Leaf]) -> None:
-    """LoRA, pi0 and foreign trees are errors; so is any leaf the key map does not know."""
-    lora = [p for p in leaves if "lora" in p.rsplit("/", 1)[-1].lower()]
-    if lora:
-        raise CheckpointError(
-            f"checkpoint has {len(lora)} LoRA leaves (e.g. {lora[0]})",
-            hint="merge the LoRA weights into the base weights in openpi first, then convert the merged params",
-        )
+    """pi0 and foreign trees are errors; so is any leaf the key map does not know (LoRA leaves: see
+    :func:`_lora_pairs`)."""
+    lora = set()
+    for pair in _lora_pairs(leaves).values():
+        lora |= {pair.a, pair.b}
+    leaves = {k: v for k, v in leaves.items() if k not in lora}
     pi0 = [m for m in PI0_MARKERS if m in leaves]
     if pi0:
         raise CheckpointError(
@@ -595,6 +673,7 @@ def convert_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     expert_lm_head: bool = True,
+    action_horizon: int | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
     """Convert an openpi JAX (orbax) pi05 checkpoint into a PyTorch checkpoint directory.
@@ -602,7 +681,12 @@ def convert_checkpoint(
     ``precision``: ``fp32`` (every tensor fp32, values exactly as stored) or ``bf16`` (openpi's
     policy: bf16 except the keep-fp32 list of :func:`pi05_export.model.pi05.keeps_fp32`).
     ``config``: a Pi05Config, preset name or config file; its weight dimensions must match the
-    checkpoint's, and it supplies horizon/token length/views/steps (default: the pi05 preset's).
+    checkpoint's, and it supplies horizon/token length/views/steps. ``action_horizon`` sets (or
+    overrides) the horizon. An orbax params tree does not record the horizon, and the horizon changes
+    the actions, so one of the two is required (:class:`ConfigError` otherwise); token length, views
+    and steps default to openpi's pi05 values (200, 3, 10). ``manifest.extra["config_from"]`` says
+    where each of those fields came from. Unmerged LoRA leaves of openpi's ``gemma_2b_lora`` /
+    ``gemma_300m_lora`` variants are merged exactly (:class:`LoraPair`); NaN/inf weights are refused.
     ``max_shard_bytes``: shard with an index past this size. ``max_block_bytes``: most bytes of one
     stacked leaf read at once. ``expert_lm_head``: write openpi's unused expert ``lm_head`` as zeros
     (openpi layout only) so openpi's strict loader accepts the file. ``progress(key, i, n)`` is
@@ -619,11 +703,22 @@ def convert_checkpoint(
     t0 = time.perf_counter()
     src = _read_tree(Path(jax_ckpt))
     _check_tree(src.leaves)
+    lora = _lora_pairs(src.leaves)
     for leaf in src.leaves.values():
         if leaf.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise CheckpointError(f"leaf {leaf.path} has dtype {leaf.dtype}", hint="expected floating-point weights")
+    dims = _bind_dims(src.leaves)
     base = _resolve_base(config)
-    cfg = _infer_config(_bind_dims(src.leaves), base or Pi05Config())
+    if base is None and action_horizon is None:
+        raise ConfigError("an openpi JAX checkpoint does not record its action horizon, and the horizon changes the actions",
+                          hint=f"pass --action-horizon N or --preset/--config ({known_horizons()})")
+    if action_horizon is not None and base is not None:
+        base = base.replace(action_horizon=action_horizon)
+    fields = base or Pi05Config().replace(action_horizon=action_horizon)
+    given = "given config" if isinstance(config, Pi05Config) else f"preset {config}" if config in PRESETS else f"config {config}"
+    config_from = {"action_horizon": "--action-horizon" if action_horizon is not None else given,
+                   "max_token_len, num_views, num_steps": given if base is not None else "openpi pi05 defaults"}
+    cfg = _infer_config(dims, fields)
     if base is not None:
         diffs = _diff(cfg.to_dict(), base.to_dict())
         if diffs:
@@ -633,17 +728,25 @@ def convert_checkpoint(
     _check_plan(plan, cfg, layout)
     log.info("pi05 checkpoint %s: %d leaves -> %d tensors, %.1fM parameters, %s", src.params_dir, len(src.leaves),
              len(plan), sum(math.prod(p.shape) for p in plan if p.key != EXPERT_LM_HEAD_KEY) / 1e6, precision)
+    if lora:
+        log.info("merging %d LoRA leaf pair(s) into their base weights (openpi's %s)", len(lora),
+                 ", ".join(sorted({LORA_VARIANTS[src.leaves[p.a].shape[-1]][0] for p in lora.values()})))
 
     context = ocp.type_handlers.get_ts_context(use_ocdbt=src.use_ocdbt)
-    with staging_dir(out_dir, stage="convert") as tmp:
+    with staging_dir(out_dir, stage=CHECKPOINT_STAGE) as tmp:
         writer = _SafetensorsStream(tmp, plan, max_shard_bytes)
         done = 0
         for path, rules in order:
             array = _open_leaf(ocp, ts, src, src.leaves[path], context)
+            pair = lora.get(path)
+            factors = [_read(_open_leaf(ocp, ts, src, src.leaves[f], context), src.leaves[f]) for f in (pair.a, pair.b)] if pair else []
             for i, layer in _iter_layers(array, src.leaves[path], rules[0].stacked, max_block_bytes):
+                if pair is not None:  # stacked like the base: layer i of each factor
+                    layer = layer.astype(np.float32) + pair.delta(*(f if i is None else f[i] for f in factors))
                 for rule in rules:
                     key = rule.key.format(i=i)
-                    writer.write(_out_key(key, layout), _to_torch(_apply(rule, layer), plan[done].dtype))
+                    tensor = check_finite(f"{path} -> {key}", _to_torch(_apply(rule, layer), plan[done].dtype))
+                    writer.write(_out_key(key, layout), tensor)
                     done += 1
                     if progress is not None:
                         progress(key, done, len(plan))
@@ -658,12 +761,13 @@ def convert_checkpoint(
         if src.assets_dir is not None:
             shutil.copytree(src.assets_dir, tmp / "assets")
         manifest = Manifest(
-            stage="convert",
+            stage=CHECKPOINT_STAGE,
             config=cfg.to_dict(),
             source={"kind": "orbax", "path": str(Path(jax_ckpt).absolute()), "leaves": len(src.leaves),
                     "stored_dtypes": sorted({leaf.dtype for leaf in src.leaves.values()})},
             precision=precision,
-            extra={"layout": layout.value, "files": files, "tensors": len(plan),
+            extra={"layout": layout.value, "files": files, "tensors": len(plan), "config_from": config_from,
+                   "lora_merged": sorted(lora),
                    "bytes": sum(p.nbytes for p in plan), "seconds": round(time.perf_counter() - t0, 2),
                    "assets": src.assets_dir is not None},
         )

@@ -321,7 +321,7 @@ def test_layer_by_layer_reads_give_identical_output(tmp_path: Path, ckpts: dict[
 
 
 def test_config_comes_from_shapes_and_assets_are_copied(tmp_path: Path, ckpts: dict[str, Path]) -> None:
-    manifest = convert_checkpoint(ckpts["jax"], tmp_path / "pt")  # no config: dims from the leaves
+    manifest = convert_checkpoint(ckpts["jax"], tmp_path / "pt", action_horizon=10)  # no config: dims from the leaves
     cfg = Pi05Config.from_dict(manifest.config)
     assert (cfg.vision, cfg.llm, cfg.expert, cfg.action_dim) == (TINY.vision, TINY.llm, TINY.expert, TINY.action_dim)
     src = ckpts["jax"] / "assets" / "synthetic" / "norm_stats.json"
@@ -351,7 +351,8 @@ BAD_TREES = {
     "wrong_shape": (_reshape(f"{LYR}/attn/q_einsum_1/w", (2, 8, 40, 16)),
                     "leaf PaliGemma/llm/layers/attn/q_einsum_1/w has shape [2, 8, 40, 16], expected [L=2, N=8, E=48"),
     "unexpected_leaf": (_add(extra__kernel=(3, 4)), "unexpected leaf extra/kernel with shape [3, 4]"),
-    "lora": (_add(PaliGemma__llm__layers__attn__q_einsum__lora_a=(2, 8, 64, 4)), "LoRA leaves"),
+    "lora_unpaired": (_add(PaliGemma__llm__layers__attn__q_einsum__lora_a=(2, 8, 64, 16)),
+                      "LoRA leaf PaliGemma/llm/layers/attn/q_einsum/lora_a has no lora_b partner"),
     "pi0": (_pi0, "this is a pi0 checkpoint, not pi05"),
     "missing_leaf": (_drop("action_out_proj/bias"), "missing 1 leaf/leaves: action_out_proj/bias"),
 }

@@ -168,4 +168,4 @@ def test_calibration_build_from_recorded_observations(tmp_path, capsys):
     assert run(["quantize", "--config", str(tmp_path / "cfg.json"), "--random-init", "--recipe", "fp8", "--out", str(tmp_path / "o"),
                 "--calibration", str(tmp_path / "cal"), "--components", "projections"]) != 0
     err = capsys.readouterr().err.strip()
-    assert "built for image size 56" in err and len(err.splitlines()) == 1
+    assert "does not fit the model: image_size: set 56, model 28" in err and len(err.splitlines()) == 1

@@ -10,6 +10,7 @@ Both may be one ``model.safetensors`` or shards listed by ``model.safetensors.in
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pi05_export.checkpoint.stored import Stored, check_float_dtype, materialize, plan_parameters
 from pi05_export.config import CHECKPOINT_CONFIG_KEY, Pi05Config
 from pi05_export.dtypes import graph_dtype, torch_dtype
 from pi05_export.errors import ArtifactError, CheckpointError, ConfigError
@@ -33,8 +35,6 @@ LEROBOT_PREFIX = "model."
 EMBED_KEY = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 LM_HEAD_KEY = "paligemma_with_expert.paligemma.lm_head.weight"
 EXPERT_LM_HEAD_KEY = "paligemma_with_expert.gemma_expert.lm_head.weight"
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class Layout(str, enum.Enum):
@@ -52,6 +52,7 @@ class CheckpointInfo:
     config: Pi05Config
     config_source: str
     tensors: dict[str, tuple[tuple[int, ...], str]] = field(repr=False)  # canonical key -> (shape, dtype)
+    stored: dict[str, Stored] = field(repr=False, default_factory=dict)  # canonical key -> where it is read from
 
     def parameter_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -92,31 +93,41 @@ def component_of(key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The weight files, and for a sharded checkpoint the index's ``weight_map`` (raw key -> shard).
+
+    Shard names come from a file, so each must stay inside the checkpoint directory
+    (:func:`pi05_export.artifacts.resolve_inside`).
+    """
+    from pi05_export.artifacts import resolve_inside
+
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(
                 f"{path} is not a .safetensors file", hint="pass a checkpoint directory or its model.safetensors"
             )
-        return [path]
+        return [path], None
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path")
     if (path / INDEX_NAME).is_file():
         try:
-            index = json.loads((path / INDEX_NAME).read_text())
-            names = sorted(set(index["weight_map"].values()))
+            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CheckpointError(
                 f"{path / INDEX_NAME} is not a valid safetensors index (needs a 'weight_map')",
                 hint="re-create the index or remove it to use model.safetensors",
             ) from None
-        files = [path / n for n in names]
+        shards = {name: resolve_inside(path, name, f"{INDEX_NAME} entry {key!r}", error=CheckpointError)
+                  for key, name in weight_map.items()}
+        files = [shards[n] for n in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}", hint="copy all shards")
-        return files
+        return files, {key: shards[name] for key, name in weight_map.items()}
     if (path / WEIGHTS_NAME).is_file():
-        return [path / WEIGHTS_NAME]
+        return [path / WEIGHTS_NAME], None
     if (path / "params").is_dir():
         raise CheckpointError(
             f"{path} is an openpi JAX (orbax) checkpoint, not PyTorch safetensors",
@@ -165,10 +176,27 @@ def _canonical(key: str, layout: Layout) -> str:
     return key
 
 
-def config_from_json(data: dict[str, Any]) -> Pi05Config:
-    """Config from an openpi-converter or lerobot ``config.json`` (plus our explicit-dims block)."""
+def known_horizons() -> str:
+    """The action horizons a user can pick from, for error hints: the presets' and openpi's per robot
+    (``pi05_export/policy/robots/*.yaml``), e.g. ``"presets pi05 50, tiny 10; openpi pi05_droid 15, ..."``."""
+    from pi05_export.config import PRESETS
+    from pi05_export.policy.profiles import shipped_profiles
+
+    robots = ", ".join(f"pi05_{name} {p.action_horizon}" for name, p in shipped_profiles().items() if p.action_horizon)
+    return "presets " + ", ".join(f"{n} {c.action_horizon}" for n, c in PRESETS.items()) + f"; openpi {robots}"
+
+
+def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> Pi05Config:
+    """Config from an openpi-converter or lerobot ``config.json`` (plus our explicit-dims block).
+
+    The action horizon changes the actions (not only their count), so a file without one
+    (``action_horizon``, or lerobot's ``chunk_size``) is a :class:`ConfigError`, never a default.
+    """
     if CHECKPOINT_CONFIG_KEY in data:
         return Pi05Config.from_dict(data[CHECKPOINT_CONFIG_KEY])
+    if "action_horizon" not in data and "chunk_size" not in data:
+        raise ConfigError(f"{source} has no action_horizon (or chunk_size), and the horizon changes the actions",
+                          hint=f"add \"action_horizon\": N to it or pass --config FILE ({known_horizons()})")
     changes: dict[str, Any] = {}
     base = Pi05Config.from_dict(
         {
@@ -210,20 +238,45 @@ def _resolve_config(ckpt_dir: Path, config: Pi05Config | str | Path | None) -> t
             data = json.loads(cfg_file.read_text())
         except ValueError as e:
             raise ConfigError(f"{cfg_file} is not valid JSON ({e})", hint="fix it or pass --config FILE") from None
-        return config_from_json(data), str(cfg_file)
-    log.warning("no %s next to the checkpoint and no --config: assuming the full-size pi05 preset", CONFIG_NAME)
-    return Pi05Config.from_name("pi05"), "preset pi05 (default)"
+        return config_from_json(data, str(cfg_file)), str(cfg_file)
+    raise ConfigError(f"no {CONFIG_NAME} next to the checkpoint {ckpt_dir}: its action horizon and token length are unknown",
+                      hint=f"pass --config FILE (JSON/YAML with action_horizon; {known_horizons()})")
 
 
 def inspect_checkpoint(path: str | Path, config: Pi05Config | str | Path | None = None) -> CheckpointInfo:
-    """Read headers only: layout, config, every tensor's shape and dtype."""
+    """Read headers only: layout, config, every tensor's shape and dtype, and the file each is read from.
+
+    In a sharded checkpoint each tensor is read from the shard ``model.safetensors.index.json`` assigns
+    it to; a copy of the same name in another shard (a stale leftover) is ignored with a warning, and a
+    tensor the index assigns to a shard that does not hold it is a :class:`CheckpointError`.
+    """
     path = Path(path)
-    files = _weight_files(path)
-    raw = {k: (shape, dtype) for k, shape, dtype, _ in _iter_headers(files)}
+    files, assigned = _weight_files(path)
+    raw: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    stale: list[str] = []
+    for key, shape, dtype, file in _iter_headers(files):
+        if assigned is not None and assigned.get(key) != file:
+            owner = assigned.get(key)
+            stale.append(f"{key} in {file.name} (the index names {owner.name if owner else 'no shard'})")
+            continue
+        raw[key] = (shape, dtype, file)
+    if assigned is not None:
+        absent = [k for k in assigned if k not in raw]
+        if absent:
+            raise CheckpointError(
+                f"{INDEX_NAME} assigns {absent[0]} to {assigned[absent[0]].name}, which does not hold it"
+                + (f" ({len(absent)} such tensors)" if len(absent) > 1 else ""),
+                hint="the shards and the index are from different saves; copy the checkpoint again",
+            )
+    if stale:
+        log.warning("ignoring %d tensor copy/copies outside the shard %s names: %s", len(stale), INDEX_NAME,
+                    "; ".join(stale[:4]))
     layout = _detect_layout(list(raw))
-    tensors = {_canonical(k, layout): v for k, v in raw.items()}
+    stored = {_canonical(k, layout): Stored(_canonical(k, layout), file, k, shape, dtype) for k, (shape, dtype, file) in raw.items()}
+    tensors = {k: (s.shape, s.dtype) for k, s in stored.items()}
     cfg, source = _resolve_config(path if path.is_dir() else path.parent, config)
-    return CheckpointInfo(path=path, layout=layout, files=files, config=cfg, config_source=source, tensors=tensors)
+    return CheckpointInfo(path=path, layout=layout, files=files, config=cfg, config_source=source, tensors=tensors,
+                          stored=stored)
 
 
 def _expected_shapes(cfg: Pi05Config) -> dict[str, tuple[int, ...]]:
@@ -250,10 +303,10 @@ def load_checkpoint(
     info = inspect_checkpoint(path, config)
     cfg = info.config
     expected = _expected_shapes(cfg)
-    present = dict(info.tensors)
-    if EMBED_KEY not in present and LM_HEAD_KEY in present:
-        present[EMBED_KEY] = present[LM_HEAD_KEY]  # tied weight stored under the lm_head name
-    missing = sorted(set(expected) - set(present))
+    params, _ = plan_parameters(info.stored, info.path if info.path.is_dir() else info.path.parent)
+    if EMBED_KEY not in params and LM_HEAD_KEY in params:
+        params[EMBED_KEY] = params[LM_HEAD_KEY]  # tied weight stored under the lm_head name
+    missing = sorted(set(expected) - set(params))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise CheckpointError(
@@ -261,25 +314,26 @@ def load_checkpoint(
             hint=f"is this a pi05 checkpoint, and does its config match (config used: {info.config_source})?",
         )
     for key, shape in expected.items():
-        if tuple(present[key][0]) != shape:
+        got = params[key].weight.shape
+        if tuple(got) != shape:
             raise CheckpointError(
-                f"shape mismatch for {key}: checkpoint has {list(present[key][0])}, config expects {list(shape)}",
+                f"shape mismatch for {key}: checkpoint has {list(got)}, config expects {list(shape)}",
                 hint=f"pass --config with the checkpoint's dimensions (config used: {info.config_source})",
             )
-    extra = sorted(set(present) - set(expected) - {LM_HEAD_KEY, EXPERT_LM_HEAD_KEY})
+        check_float_dtype(params[key])
+    extra = sorted(set(params) - set(expected) - {LM_HEAD_KEY, EXPERT_LM_HEAD_KEY})
     if extra:
         log.warning("ignoring %d unexpected key(s): %s", len(extra), ", ".join(extra[:8]))
 
-    wanted = {k: (EMBED_KEY if k == LM_HEAD_KEY and EMBED_KEY not in info.tensors else k) for k in info.tensors}
     state: dict[str, torch.Tensor] = {}
-    for file in info.files:
-        with _open(file) as f:
-            for raw_key in f.keys():
-                key = wanted.get(_canonical(raw_key, info.layout))
-                if key not in expected or key in state:
-                    continue
-                tensor = f.get_tensor(raw_key)
-                state[key] = tensor.to(policy_dtype(key, target))
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(_open(file)) for file in info.files}
+
+        def read(s: Stored) -> torch.Tensor:
+            return handles[s.file].get_tensor(s.raw_key)
+
+        for key in expected:
+            state[key] = materialize(params[key], read, policy_dtype(key, target))
     with torch.device("meta"):
         model = Pi05Model(cfg)
     model.load_state_dict(state, strict=True, assign=True)

@@ -19,6 +19,7 @@ from pi05_export.cli._app import (
     out_console,
     progress_bar,
 )
+from pi05_export.errors import ConfigError, InputError
 
 
 @app.command()
@@ -26,7 +27,8 @@ def quantize(
     checkpoint: CheckpointArg = None,
     recipe: Annotated[str, typer.Option("--recipe", help="Shipped recipe name (see `pi05-export recipes`) or a .yaml path.")] = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option("--out", help="The `pi05-export onnx` output dir; graphs go to OUT/<recipe>/.")] = ...,  # type: ignore[assignment]
-    calibration: Annotated[Path | None, typer.Option("--calibration", help="Calibration set dir (default: built-in photo set).")] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Calibration set dir (`calibration-build`); "
+                                                     "required for a checkpoint, default for --random-init: the photo set.")] = None,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Use the first N calibration samples.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps per calibration sample (default: config).")] = None,
     components: Annotated[str | None, typer.Option("--components", help="Comma list: vision,llm,expert,projections,denoise.")] = None,
@@ -45,6 +47,13 @@ def quantize(
 
     rec = load_recipe(recipe)  # fail on a bad recipe before loading anything
     selected = parse_components(components)
+    if checkpoint is not None and calibration is None and rec.quantizes:
+        raise InputError(
+            "quantizing a checkpoint needs --calibration DIR: the built-in set is stock photos with stand-in byte "
+            "tokens, not your robot's observations or tokenizer",
+            hint=f"build one: pi05-export calibration-build OBS.npz|RECORD_DIR --config {checkpoint}/config.json --out "
+                 "CALIB (add --photos to use the photo set knowingly)",
+        )
     model, source = load_model(checkpoint, preset, config, random_init, seed)
     resolve_recipe(rec, model, allow_unmatched=allow_unmatched)  # recipe errors before any progress output
     obs, info = load_calibration_set(calibration, model.config, samples) if rec.quantizes else ([], {})
@@ -77,7 +86,7 @@ def calibration_build(
     observations: Annotated[list[Path] | None, typer.Argument(help="Observation .npz files (already tokenized), or `serve --record` directories.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output calibration directory (replaced atomically).")] = ...,  # type: ignore[assignment]
     photos: Annotated[bool, typer.Option("--photos", help="Render the built-in photo set (scikit-image samples) instead.")] = False,
-    preset: PresetOpt = "pi05",
+    preset: PresetOpt = None,
     config: ConfigOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
@@ -85,7 +94,14 @@ def calibration_build(
     from pi05_export.calibration import build_calibration_set
     from pi05_export.config import Pi05Config
 
-    cfg = Pi05Config.from_file(config) if config is not None else Pi05Config.from_name(preset or "pi05")
+    if (preset is None) == (config is None):
+        raise ConfigError(
+            "calibration-build needs exactly one of --config or --preset: a set fits one image size, view count, token "
+            "length and action horizon",
+            hint="pass --config CHECKPOINT/config.json (the model you will quantize), or --preset tiny|pi05",
+        )
+    cfg = Pi05Config.from_file(config) if config is not None else Pi05Config.from_name(preset or "")
     path = build_calibration_set(observations or [], out, cfg, photos=photos, seed=seed)
     n = len(list(path.glob("calib_*.npz")))
-    err_console.print(f"wrote {n} calibration sample(s) to {path} (image size {cfg.vision.image_size}, {cfg.num_views} views)")
+    err_console.print(f"wrote {n} calibration sample(s) to {path} (image size {cfg.vision.image_size}, {cfg.num_views} views, "
+                      f"{cfg.max_token_len} tokens, action horizon {cfg.action_horizon})")

@@ -312,9 +312,17 @@ class Policy:
 
 
 def _is_export_dir(path: Path) -> bool:
-    from pi05_export.artifacts import MANIFEST_NAME
+    """An export (``onnx``/``quantize`` output), not a checkpoint (``convert`` also writes a manifest)."""
+    import json
 
-    return path.is_dir() and (path / MANIFEST_NAME).is_file()
+    from pi05_export.artifacts import CHECKPOINT_STAGE, MANIFEST_NAME
+
+    if not (path.is_dir() and (path / MANIFEST_NAME).is_file()):
+        return False
+    try:
+        return json.loads((path / MANIFEST_NAME).read_text()).get("stage") != CHECKPOINT_STAGE
+    except (ValueError, AttributeError):
+        return True  # Manifest.read names what is wrong with it
 
 
 def load_policy(
