@@ -125,8 +125,8 @@ def pipeline_for_model(model: Any, compute_dtype: str = "float32") -> Pipeline:
     return Pipeline(TorchBackend(model, specs), model.config, specs)
 
 
-def _artifact_graphs(artifacts: Path, manifest: Manifest) -> dict[Component, Path]:
-    graphs = {Component(n): manifest.component_path(artifacts, n) for n in manifest.components}
+def _artifact_graphs(artifacts: Path, manifest: Manifest, full_hash: bool) -> dict[Component, Path]:
+    graphs = {Component(n): manifest.component_path(artifacts, n, full_hash=full_hash) for n in manifest.components}
     if manifest.stage == "quantize":  # FP4 graphs: ONNX Runtime runs their emulation copy
         from pi05_export.quantize import runnable_onnx
 
@@ -135,12 +135,14 @@ def _artifact_graphs(artifacts: Path, manifest: Manifest) -> dict[Component, Pat
 
 
 def open_pipeline(
-    backend: str, artifacts: str | Path, *, model: Any = None, engines: str | None = None
+    backend: str, artifacts: str | Path, *, model: Any = None, engines: str | None = None, full_hash: bool = False
 ) -> Pipeline:
     """A pipeline over an export directory (``pi05-export onnx`` / ``quantize`` output).
 
     ``torch`` needs ``model`` (the reference; the manifest's config must match it). ``tensorrt``
-    reads engines from ``artifacts/engines/<engines>/`` (``pi05-export build``).
+    reads engines from ``artifacts/engines/<engines>/`` (``pi05-export build``). Every graph or engine
+    is checked against its manifest first (:meth:`Manifest.component_path`: path inside, size and sampled
+    fingerprint; every byte's sha256 with ``full_hash``); a mismatch raises :class:`ArtifactError`.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
@@ -155,7 +157,7 @@ def open_pipeline(
             raise ArtifactError(f"{artifacts} was exported from a different config", hint="re-export from this checkpoint")
         return Pipeline(TorchBackend(model, specs), cfg, specs)
     if backend == "onnxruntime":
-        graphs = _artifact_graphs(artifacts, manifest)
+        graphs = _artifact_graphs(artifacts, manifest, full_hash)
         from pi05_export.runtime.backends import EMULATED_PRECISIONS
 
         emulate = manifest.precision if manifest.precision in EMULATED_PRECISIONS else None  # true bf16/fp16 on the CPU
@@ -168,7 +170,7 @@ def open_pipeline(
             f"the engines in {engine_dir} were built from other graphs than {artifacts}",
             hint=f"rebuild them: {build_cmd}",
         )
-    paths = {Component(n): engine_dir / e["path"] for n, e in engine_manifest.components.items()}
+    paths = {Component(n): engine_manifest.component_path(engine_dir, n, full_hash=full_hash) for n in engine_manifest.components}
     specs = {c: s for c, s in specs.items() if c in paths}  # only what was built (e.g. no fused denoise)
     return Pipeline(TensorRTBackend(paths, specs), cfg, specs)
 
