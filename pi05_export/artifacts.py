@@ -252,10 +252,6 @@ def recover_output(out: str | Path) -> None:
         log.info("removed %s, left by an interrupted run", p)
 
 
-def _has_leftovers(out: Path) -> bool:
-    return _sibling(out, SWAP_SUFFIX).exists() or bool(_leftovers(out))
-
-
 def _commit(out: Path, tmp: Path, old: Path, token: str, keep: Iterable[str]) -> None:
     """Replace ``out`` by ``tmp``, journaled: a kill at any point is finished by :func:`recover_output`;
     an error rolls back to the previous ``out`` (and raises ArtifactError)."""
@@ -402,9 +398,10 @@ class Manifest:
     @classmethod
     def read(cls, directory: str | Path, *, stage: str | None = None, hint: str = "run `pi05-export onnx` first") -> Manifest:
         path = Path(directory) / MANIFEST_NAME
-        if not path.is_file() and _has_leftovers(_resolve_out(directory)):  # an interrupted run: finish or undo it first
-            with output_lock(_resolve_out(directory)):
-                recover_output(_resolve_out(directory))
+        out = _resolve_out(directory)
+        if _sibling(out, SWAP_SUFFIX).exists() or (not path.is_file() and _leftovers(out)):
+            with output_lock(out):  # a run was interrupted writing this directory: finish (or undo) it first
+                recover_output(out)
         if not path.is_file():
             raise ArtifactError(f"no {MANIFEST_NAME} in {directory}", hint=hint)
         try:

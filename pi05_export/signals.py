@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -68,7 +70,14 @@ def raise_on_signals() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:  # an interrupt raised inside __del__: recorded, not printed as a traceback
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous_hook(unraisable)
+
     _RECORD.received = None
+    sys.unraisablehook = hook
     for s in SIGNALS:
         signal.signal(s, _RECORD.handler)
     try:
@@ -76,6 +85,7 @@ def raise_on_signals() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        sys.unraisablehook = previous_hook
 
 
 def received() -> int | None:
