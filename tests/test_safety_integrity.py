@@ -76,7 +76,10 @@ def test_swapped_weights_from_another_export_are_refused(export, other_denoise, 
     assert snapshot(tmp_path) == before  # no actions written
     assert run(["validate", str(export), "--steps", "1"]) == 2
     assert "denoise.onnx.data does not match the sha256" in last_line(capsys.readouterr().err)
-    assert snapshot(tmp_path) == before  # no report either
+    assert run(["infer", "--backend", "onnxruntime", "--artifacts", str(export), "--inputs", str(obs_file),
+                "--out", str(tmp_path / "actions.npz"), "--verify"]) == 2  # every byte, as validate does
+    assert "denoise.onnx.data does not match the sha256" in last_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == before  # no report, no actions
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "missing"])
