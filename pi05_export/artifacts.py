@@ -1,8 +1,11 @@
 """Artifacts between stages: atomic writes, staged directories, hashes and the manifest.
 
-Every stage builds its output in ``<out>.tmp-<uuid>/`` next to the destination and renames it into
+Every stage builds its output in ``<out>.tmp-<token>/`` next to the destination and renames it into
 place only when everything succeeded, so a failed run never leaves a partial artifact and never
-destroys a good one. ``manifest.json`` is written last.
+destroys a good one. ``manifest.json`` is written last. One run writes ``<out>`` at a time
+(``<out>.lock``); the commit is journaled (``<out>.swap``) so that the next run finishes a commit
+cut short by a kill. Manifests record every file's size and hashes, checked whenever a component is
+opened (:meth:`Manifest.component_path`).
 """
 
 from __future__ import annotations
