@@ -441,6 +441,8 @@ class Manifest:
         if not path.is_file():
             raise ArtifactError(f"{path} listed in the manifest is missing", hint="re-run the export")
         if "files" in entry:
+            if not isinstance(entry["files"], dict) or rel not in entry["files"]:
+                raise ArtifactError(f"{where} does not record its own file {rel!r}", hint="re-run the stage that wrote it")
             verify_files(directory, entry["files"], where, full=full_hash)
         elif isinstance(entry.get("bytes"), int):  # manifests written before per-file records
             data = path.with_name(path.name + ".data")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_file
+from pi05_export.artifacts import MANIFEST_NAME, Manifest, resolve_inside, sha256_file
 from pi05_export.components import Component, ComponentSpec, TensorSpec
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ArtifactError, ConfigError
@@ -127,10 +127,13 @@ def pipeline_for_model(model: Any, compute_dtype: str = "float32") -> Pipeline:
 
 def _artifact_graphs(artifacts: Path, manifest: Manifest, full_hash: bool) -> dict[Component, Path]:
     graphs = {Component(n): manifest.component_path(artifacts, n, full_hash=full_hash) for n in manifest.components}
-    if manifest.stage == "quantize":  # FP4 graphs: ONNX Runtime runs their emulation copy
+    if manifest.stage == "quantize":  # FP4 graphs: ONNX Runtime runs their emulation copy (checked with the graph)
         from pi05_export.quantize import runnable_onnx
 
-        graphs = {c: runnable_onnx(p) for c, p in graphs.items()}
+        for c in graphs:
+            emulated = manifest.components[c.value].get("runnable_path")
+            graphs[c] = (resolve_inside(artifacts, emulated, f"{artifacts / MANIFEST_NAME} component {c.value!r}")
+                         if emulated else runnable_onnx(graphs[c]))  # manifests from before runnable_path: made here
     return graphs
 
 
