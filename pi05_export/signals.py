@@ -55,8 +55,8 @@ class _Record:
 _RECORD = _Record()
 
 
-def _installed() -> bool:
-    return bool(signal.getsignal(signal.SIGINT) == _RECORD.handler)  # bound methods compare equal, never identical
+def _installed() -> bool:  # bound methods compare equal, never identical
+    return any(signal.getsignal(s) == _RECORD.handler for s in SIGNALS)
 
 
 def _main_thread() -> bool:
@@ -79,7 +79,8 @@ def raise_on_signals() -> Iterator[None]:
     _RECORD.received = None
     sys.unraisablehook = hook
     for s in SIGNALS:
-        signal.signal(s, _RECORD.handler)
+        if previous[s] is not signal.SIG_IGN:  # `nohup`, background jobs: an ignored signal stays ignored
+            signal.signal(s, _RECORD.handler)
     try:
         yield
     finally:
@@ -118,7 +119,8 @@ def deferred_signals() -> Iterator[None]:
     held: list[int] = []
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     for s in SIGNALS:
-        signal.signal(s, lambda signum, frame: held.append(signum))
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:

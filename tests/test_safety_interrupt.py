@@ -207,3 +207,21 @@ def test_sigterm_to_a_real_cli_process(previous, tmp_path):
     assert proc.returncode == 143, err
     assert last_line(err).startswith("error: interrupted by SIGTERM; no partial output was left")
     assert snapshot(tmp_path) == before
+
+
+def test_signal_inside_the_commit_is_delivered_after_it(previous, tmp_path, capsys, monkeypatch):
+    """SIGTERM while the renames run: the commit is never cut in half; the signal ends the run right after it."""
+    real, sent = os.replace, []
+
+    def replace(src, dst):
+        if Path(src) == previous and not sent:  # moving the previous output aside
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    old_manifest = (previous / "manifest.json").read_text()
+    assert run([*ONNX, str(previous)]) == 143
+    assert "interrupted by SIGTERM" in last_line(capsys.readouterr().err)
+    assert sent and (previous / "manifest.json").read_text() != old_manifest  # the new output, whole
+    assert (previous / "reports" / "validation.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
