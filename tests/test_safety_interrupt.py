@@ -225,3 +225,12 @@ def test_signal_inside_the_commit_is_delivered_after_it(previous, tmp_path, caps
     assert sent and (previous / "manifest.json").read_text() != old_manifest  # the new output, whole
     assert (previous / "reports" / "validation.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_left_only_as_old_copy_is_restored(previous, tmp_path, pristine):
+    """A run of an earlier version killed between its two renames (no journal): the previous output comes back."""
+    previous.rename(tmp_path / "out.old-1234abcd")
+    (tmp_path / "out.tmp-5678abcd").mkdir()  # its half-written staging
+    assert Manifest.read(previous).components.keys() == {"projections"}
+    assert (previous / "manifest.json").read_text() == (pristine / "manifest.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
