@@ -173,7 +173,8 @@ def output_lock(out: str | Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise ArtifactError(f"cannot create lock file {lock}: {e.strerror}", hint="choose a writable --out") from None
+            raise ArtifactError(f"cannot create lock file {lock}: {e.strerror}",
+                                hint=f"{lock.parent} must be writable (for --out: choose a writable directory)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
