@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from pi05_export import __version__
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, atomic_write, sha256_file, staging_dir, tool_versions
+from pi05_export.artifacts import (
+    MANIFEST_NAME,
+    Manifest,
+    atomic_write,
+    resolve_inside,
+    sampled_sha256,
+    sha256_file,
+    staging_dir,
+    tool_versions,
+)
 from pi05_export.components import BATCH, NUM_IMAGES, TensorSpec
 from pi05_export.errors import ArtifactError, ConfigError, HardwareError
+from pi05_export.recipe import RECIPE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +181,7 @@ def read_quantized_graphs(out: Path, recipe: str) -> GraphSource:
     """The quantize stage's contract, in one place: ``OUT/<recipe>/manifest.json`` (stage
     ``quantize``), component paths relative to ``OUT/<recipe>/``, ``extra["formats"]`` listing
     the formats used (e.g. ``["fp8", "nvfp4"]``); the base precision is ``manifest.precision``."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", recipe):
+    if not RECIPE_NAME.fullmatch(recipe):
         raise ConfigError(f"recipe name {recipe!r} is not a plain name", hint="use the recipe name given to `pi05-export quantize`, e.g. fp8")
     directory = out / recipe
     manifest = Manifest.read(directory, stage="quantize", hint=f"run `pi05-export quantize` with recipe {recipe} on {out} first")
@@ -342,7 +351,7 @@ def plan_build(
     engines = []
     for name in names:
         entry = manifest.components[name]
-        onnx_path = manifest.component_path(source.directory, name)
+        onnx_path = manifest.component_path(source.directory, name, full_hash=check_graphs)  # engines go to robots: every byte
         inputs = tuple(TensorSpec.from_dict(t) for t in entry["inputs"])
         outputs = tuple(TensorSpec.from_dict(t) for t in entry["outputs"])
         if check_graphs:
@@ -478,13 +487,25 @@ def _kept_components(plan: BuildPlan, gpu: GpuInfo, tensorrt_version: str) -> di
             continue
         src = plan.source.manifest.components.get(name, {})
         valid = (entry.get("onnx_sha256") == src.get("sha256") and entry.get("tensorrt") == tensorrt_version
-                 and entry.get("gpu", {}).get("sm") == gpu.sm and (plan.engine_dir / entry["path"]).is_file())
+                 and entry.get("gpu", {}).get("sm") == gpu.sm and _engine_intact(old, plan.engine_dir, name))
         if valid:
             kept[name] = entry
         else:
             log.warning("dropping stale engine %s/%s (graph, TensorRT or GPU changed); rebuild it with --components %s",
                         plan.source.name, name, name)
     return kept
+
+
+def _engine_intact(manifest: Manifest, engine_dir: Path, name: str) -> bool:
+    """The engine and sidecar of ``name`` are inside ``engine_dir`` and match what the manifest recorded."""
+    entry = manifest.components[name]
+    try:
+        manifest.component_path(engine_dir, name)
+        resolve_inside(engine_dir, entry.get("sidecar"), f"{engine_dir / MANIFEST_NAME} component {name!r} sidecar")
+    except ArtifactError as e:
+        log.warning("%s", e.message)
+        return False
+    return True
 
 
 def build_engines(
@@ -557,6 +578,8 @@ def build_engines(
                 "profile": sidecar["profile"],
                 "sha256": sidecar["engine_sha256"],
                 "bytes": sidecar["engine_bytes"],
+                "files": {engine.engine.name: {"bytes": sidecar["engine_bytes"], "sha256": sidecar["engine_sha256"],
+                                               "sampled_sha256": sampled_sha256(tmp / engine.engine.name)}},
                 "build_seconds": sidecar["build_seconds"],
                 "tensorrt": trt_version,
                 "gpu": gpu.to_dict(),

@@ -4,7 +4,8 @@ Bugs raise ordinary exceptions; only mistakes a user can fix raise these. The CL
 ``error: <message> (hint: <hint>)``, on stderr and exits with ``exit_code``.
 
 Exit codes across the CLI: 0 success; 1 the command ran and its verdict is FAIL (``validate``,
-``inspect``); 2 bad input, missing artifacts, missing dependencies or unsupported hardware.
+``inspect``); 2 bad input, missing artifacts, missing dependencies or unsupported hardware; 130 / 143
+interrupted by SIGINT / SIGTERM (:mod:`pi05_export.signals`).
 """
 
 from __future__ import annotations

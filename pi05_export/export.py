@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_graph, staging_dir
+from pi05_export.artifacts import MANIFEST_NAME, Manifest, graph_files, sha256_graph, staging_dir
 from pi05_export.components import (
     ALL_COMPONENTS,
     BATCH,
@@ -122,14 +122,16 @@ def dynamic_shapes(spec: ComponentSpec) -> dict[str, Any]:
 def component_entry(path: Path, spec: ComponentSpec, seconds: float) -> dict[str, Any]:
     """The manifest entry of one exported graph (shared by the onnx and quantize stages)."""
     data = path.with_name(path.name + ".data")
+    files = graph_files(path, ONNX_SUBDIR)
     return {
         "path": f"{ONNX_SUBDIR}/{path.name}",
         "external_data": f"{ONNX_SUBDIR}/{data.name}" if data.exists() else None,
+        "files": files,
         "description": spec.description,
         "inputs": [t.to_dict() for t in spec.inputs],
         "outputs": [t.to_dict() for t in spec.outputs],
         "dynamic_dims": sorted(spec.dynamic_dims),
-        "sha256": sha256_graph(path),
+        "sha256": sha256_graph(path, files),
         "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
         "export_seconds": round(seconds, 2),
     }

@@ -20,11 +20,14 @@ def infer_actions(
     engines: str | None = None,
     steps: int = 10,
     seed: int = 0,
+    full_hash: bool = False,
 ) -> np.ndarray:
     """Actions float32 [B, horizon, action_dim]; noise from the file, else drawn from ``seed``.
 
     ``backend="torch"`` without ``artifacts`` runs ``model.sample_actions`` directly; any other
-    combination runs the exported pipeline (``onnxruntime``/``tensorrt`` need ``artifacts``).
+    combination runs the exported pipeline (``onnxruntime``/``tensorrt`` need ``artifacts``), whose
+    files are checked against their manifest first (``full_hash``: every byte's sha256; else size and a
+    sampled fingerprint; :meth:`pi05_export.artifacts.Manifest.component_path`).
     """
     if backend == "torch" and artifacts is None:
         if model is None:
@@ -38,6 +41,6 @@ def infer_actions(
         raise ConfigError(f"--backend {backend} runs exported artifacts", hint="pass --artifacts OUT (from `pi05-export onnx`)")
     from pi05_export.runtime import open_pipeline
 
-    pipeline = open_pipeline(backend, artifacts, model=model, engines=engines)
+    pipeline = open_pipeline(backend, artifacts, model=model, engines=engines, full_hash=full_hash)
     obs = inputs if isinstance(inputs, Observation) else load_observation(inputs, pipeline.config)
     return pipeline.sample_actions(obs, steps=steps, seed=seed).actions

@@ -21,7 +21,7 @@ def _graph_paths(path: Path) -> dict[str, Path]:
     from pi05_export.artifacts import Manifest
 
     manifest = Manifest.read(path)
-    return {name: path / entry["path"] for name, entry in manifest.components.items()}
+    return {name: manifest.component_path(path, name) for name in manifest.components}
 
 
 def lint_graph(path: Path) -> dict[str, Any]:

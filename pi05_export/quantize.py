@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pi05_export import nvfp4
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_file, staging_dir
+from pi05_export.artifacts import MANIFEST_NAME, Manifest, graph_files, resolve_inside, sha256_file, staging_dir
 from pi05_export.components import Component, component_specs, example_inputs
 from pi05_export.dtypes import graph_dtype
 from pi05_export.errors import ArtifactError, ConfigError, RecipeError
@@ -309,6 +309,7 @@ def export_quantized_component(model: Any, component: Component, path: Path, *, 
     if fp4:
         emulated = runnable_onnx(path)
         entry["runnable_path"] = f"{ONNX_SUBDIR}/{emulated.name}"
+        entry["files"].update(graph_files(emulated, ONNX_SUBDIR))  # checked on every read like the graph
     return entry
 
 
@@ -610,7 +611,7 @@ def quantize_model(
         "nvfp4_calibration_backend": ("modelopt" if next(model.parameters()).is_cuda else "emulation") if "nvfp4" in formats else None,
         "layout": "OUT/<recipe>/: onnx/<component>.onnx (+.data); FP4 graphs also onnx/<component>.emulated.onnx for ONNX Runtime",
     })
-    dest = out / recipe.name
+    dest = resolve_inside(out, recipe.name, f"recipe {recipe.name!r} name", error=RecipeError)
     model.cpu()
     with staging_dir(dest, stage="quantize") as tmp:
         (tmp / ONNX_SUBDIR).mkdir()

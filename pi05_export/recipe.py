@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ GPUS_FOR = {
 }
 _RULE_KEYS = {"component", "match", "format", "why"}
 _TOP_KEYS = {"name", "description", "base", "rules"}
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # recipe names are directory names: OUT/<name>/, OUT/engines/<name>/
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ def parse_recipe(data: Any, *, source: str = "<dict>", sha256: str = "", default
 
         sha256 = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     name = str(data.get("name") or default_name)
+    if not RECIPE_NAME.fullmatch(name):  # it names the output directory OUT/<name>/
+        raise RecipeError(f"recipe {source}: name {name!r} is not a plain name (letters, digits, '_', '.', '-')",
+                          hint="set name: to a directory name such as my_fp8")
     return Recipe(name=name, description=str(data.get("description", "")).strip(), base=base, rules=rules,
                   sha256=sha256, source=source)
 

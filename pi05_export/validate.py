@@ -191,7 +191,7 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
             tmp = stack.enter_context(staging_dir(artifacts / REPORTS, marker="validation.json", marker_keys=("checks", "status")))
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pi05-validate-")))
-        target = open_pipeline(backend, artifacts, engines=engines)
+        target = open_pipeline(backend, artifacts, engines=engines, full_hash=True)  # a PASS must be about these exact bytes
         stack.callback(target.close)
         comps = [c for c in Component if c in target.specs]  # what this backend has (engines: what was built)
         total = len(comps) + len(steps)

@@ -169,3 +169,14 @@ def test_calibration_build_from_recorded_observations(tmp_path, capsys):
                 "--calibration", str(tmp_path / "cal"), "--components", "projections"]) != 0
     err = capsys.readouterr().err.strip()
     assert "does not fit the model: image_size: set 56, model 28" in err and len(err.splitlines()) == 1
+
+
+def test_quantized_set_records_and_checks_every_file(quantized):
+    """The per-file records cover the emulation copy, and the runtime opens the recorded copy once every byte matches."""
+    from pi05_export.runtime import open_pipeline
+
+    _, report = quantized
+    for entry in report.manifest.components.values():
+        emulated = entry.get("runnable_path")
+        assert {entry["path"], *([emulated, emulated + ".data"] if emulated else [])} <= set(entry["files"])
+    open_pipeline("onnxruntime", report.out_dir, full_hash=True).close()

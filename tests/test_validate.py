@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from pi05_export.artifacts import Manifest, graph_files
 from pi05_export.cli import run
 from pi05_export.config import Pi05Config
 from pi05_export.observation import random_observation, save_npz
@@ -57,6 +58,9 @@ def test_corrupted_artifact_fails_with_exit_1(tiny_export, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(tiny_export("fp32"), out)
     _perturb_one_weight(out / "onnx" / "denoise.onnx")
+    manifest = Manifest.read(out)  # a faithful record of wrong weights (an exporter bug), not a file changed afterwards
+    manifest.components["denoise"]["files"] = graph_files(out / "onnx" / "denoise.onnx", "onnx")
+    manifest.write(out)
     assert run(["validate", str(out), "--steps", "3"]) == 1
     captured = capsys.readouterr()
     assert "FAIL denoise/v_t" in captured.err and "FAIL actions@3" in captured.err  # split path still passes

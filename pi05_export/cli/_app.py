@@ -59,6 +59,8 @@ PolicyBackendOpt = Annotated[str | None, typer.Option(
                       "(default: torch for a checkpoint, onnxruntime for an export dir).")]
 EnginesOpt = Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Euler steps (default: the config's, 10).")]
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify", help="Hash every byte of the graphs/engines against the manifest first (default: sizes and a sampled fingerprint).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch backends: cuda | cpu (default: cuda when present).")]
 
 

@@ -20,6 +20,7 @@ from pi05_export.cli._app import (
     RandomInitOpt,
     SeedOpt,
     TokenizerOpt,
+    VerifyOpt,
     app,
     err_console,
     load_model,
@@ -43,6 +44,7 @@ def infer(
     artifacts: Annotated[Path | None, typer.Option("--artifacts", help="Export dir for onnxruntime/tensorrt.")] = None,
     engines: Annotated[str | None, typer.Option("--engines", help="Engine set under OUT/engines/ (tensorrt).")] = None,
     device: DeviceOpt = None,
+    verify: VerifyOpt = False,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     random_init: RandomInitOpt = False,
@@ -62,7 +64,7 @@ def infer(
 
         model = load_model(checkpoint, preset, config, random_init, seed)[0] if checkpoint is None and preset else None
         policy = load_policy(artifacts or checkpoint, robot=robot, backend=backend, tokenizer=tokenizer, norm_stats=norm_stats,
-                             num_steps=steps, seed=seed, engines=engines, device=device, model=model)
+                             num_steps=steps, seed=seed, engines=engines, device=device, model=model, full_hash=verify)
         obs = load_robot_observation(inputs, policy.profile)
         if prompt is not None:
             obs["prompt"] = prompt
@@ -76,6 +78,7 @@ def infer(
     from pi05_export.infer import infer_actions
 
     model = load_model(checkpoint, preset, config, random_init, seed)[0] if backend == "torch" else None
-    actions = infer_actions(inputs, model=model, backend=backend, artifacts=artifacts, engines=engines, steps=steps, seed=seed)
+    actions = infer_actions(inputs, model=model, backend=backend, artifacts=artifacts, engines=engines, steps=steps, seed=seed,
+                            full_hash=verify)
     save_npz(out, {"actions": actions})
     err_console.print(f"wrote {out}: actions {list(actions.shape)} via {backend} (mean |a| {abs(actions).mean():.4f})")

@@ -19,6 +19,7 @@ from pi05_export.cli._app import (
     SeedOpt,
     StepsOpt,
     TokenizerOpt,
+    VerifyOpt,
     app,
     err_console,
     out_console,
@@ -61,6 +62,7 @@ def serve(
     engines: EnginesOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
+    verify: VerifyOpt = False,
 ) -> None:
     """Serve a policy over openpi's websocket protocol: robots using openpi-client connect unchanged."""
     from pi05_export.policy import load_policy
@@ -71,7 +73,7 @@ def serve(
     with status(f"loading the {robot} policy from {artifacts}"):
         policy = load_policy(artifacts, robot=robot, backend=backend, tokenizer=tokenizer, norm_stats=norm_stats,
                              default_prompt=default_prompt, num_steps=steps, seed=seed, max_batch=max_batch,
-                             engines=engines, device=device)
+                             engines=engines, device=device, full_hash=verify)
     err_console.print(" ".join(f"{k}={v}" for k, v in policy.describe().items()), markup=False, highlight=False, soft_wrap=True)
     with status("warming up (compilation, CUDA graphs) before the port opens"):
         first, second = policy.warmup(), policy.warmup()

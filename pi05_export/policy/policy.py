@@ -340,13 +340,16 @@ def load_policy(
     device: str | None = None,
     dtype: str | None = None,
     model: Any = None,
+    full_hash: bool = False,
 ) -> Policy:
     """A :class:`Policy` over a PyTorch checkpoint (``torch*`` backends), an export directory
     (``onnxruntime``; ``torch`` runs its reference model) or its engines (``tensorrt``).
 
     Norm stats and the tokenizer are looked up in the checkpoint (``assets/<asset_id>/``), the
     export directory and the checkpoint it was exported from, unless given. ``model`` (a
-    :class:`Pi05Model`) replaces loading weights (tests, random-weight presets). Raises
+    :class:`Pi05Model`) replaces loading weights (tests, random-weight presets). Exported graphs and
+    engines are checked against their manifest (size and sampled fingerprint; every byte's sha256 with
+    ``full_hash``) before they are loaded. Raises
     :class:`ConfigError` / :class:`InputError` / :class:`ArtifactError` with the fix.
     """
     from pi05_export.policy.runners import PipelineRunner, TorchRunner
@@ -384,7 +387,7 @@ def load_policy(
             from pi05_export.trt import require_tensorrt
 
             require_tensorrt()
-        runner = PipelineRunner(backend, path, engines=engines, max_batch=max_batch)
+        runner = PipelineRunner(backend, path, engines=engines, max_batch=max_batch, full_hash=full_hash)
     else:
         if model is None:
             model = _torch_model(path, export, device, dtype)

@@ -126,11 +126,12 @@ class PipelineRunner:
     With TensorRT on CUDA the stages chain on torch CUDA tensors (no host copy between engines or
     steps); ONNX Runtime's CPU provider runs on host arrays."""
 
-    def __init__(self, backend: str, artifacts: Path, *, engines: str | None = None, max_batch: int = 1) -> None:
+    def __init__(self, backend: str, artifacts: Path, *, engines: str | None = None, max_batch: int = 1,
+                 full_hash: bool = False) -> None:
         from pi05_export.runtime import open_pipeline
 
         self.backend, self.max_batch = backend, max_batch
-        self.pipeline = open_pipeline(backend, artifacts, engines=engines)
+        self.pipeline = open_pipeline(backend, artifacts, engines=engines, full_hash=full_hash)
         self.config = self.pipeline.config
         self.device = "cuda" if backend == "tensorrt" else "cpu"
 

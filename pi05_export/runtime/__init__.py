@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, sha256_file
+from pi05_export.artifacts import MANIFEST_NAME, Manifest, resolve_inside, sha256_file
 from pi05_export.components import Component, ComponentSpec, TensorSpec
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ArtifactError, ConfigError
@@ -125,22 +125,27 @@ def pipeline_for_model(model: Any, compute_dtype: str = "float32") -> Pipeline:
     return Pipeline(TorchBackend(model, specs), model.config, specs)
 
 
-def _artifact_graphs(artifacts: Path, manifest: Manifest) -> dict[Component, Path]:
-    graphs = {Component(n): manifest.component_path(artifacts, n) for n in manifest.components}
-    if manifest.stage == "quantize":  # FP4 graphs: ONNX Runtime runs their emulation copy
+def _artifact_graphs(artifacts: Path, manifest: Manifest, full_hash: bool) -> dict[Component, Path]:
+    graphs = {Component(n): manifest.component_path(artifacts, n, full_hash=full_hash) for n in manifest.components}
+    if manifest.stage == "quantize":  # FP4 graphs: ONNX Runtime runs their emulation copy (checked with the graph)
         from pi05_export.quantize import runnable_onnx
 
-        graphs = {c: runnable_onnx(p) for c, p in graphs.items()}
+        for c in graphs:
+            emulated = manifest.components[c.value].get("runnable_path")
+            graphs[c] = (resolve_inside(artifacts, emulated, f"{artifacts / MANIFEST_NAME} component {c.value!r}")
+                         if emulated else runnable_onnx(graphs[c]))  # manifests from before runnable_path: made here
     return graphs
 
 
 def open_pipeline(
-    backend: str, artifacts: str | Path, *, model: Any = None, engines: str | None = None
+    backend: str, artifacts: str | Path, *, model: Any = None, engines: str | None = None, full_hash: bool = False
 ) -> Pipeline:
     """A pipeline over an export directory (``pi05-export onnx`` / ``quantize`` output).
 
     ``torch`` needs ``model`` (the reference; the manifest's config must match it). ``tensorrt``
-    reads engines from ``artifacts/engines/<engines>/`` (``pi05-export build``).
+    reads engines from ``artifacts/engines/<engines>/`` (``pi05-export build``). Every graph or engine
+    is checked against its manifest first (:meth:`Manifest.component_path`: path inside, size and sampled
+    fingerprint; every byte's sha256 with ``full_hash``); a mismatch raises :class:`ArtifactError`.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
@@ -155,7 +160,7 @@ def open_pipeline(
             raise ArtifactError(f"{artifacts} was exported from a different config", hint="re-export from this checkpoint")
         return Pipeline(TorchBackend(model, specs), cfg, specs)
     if backend == "onnxruntime":
-        graphs = _artifact_graphs(artifacts, manifest)
+        graphs = _artifact_graphs(artifacts, manifest, full_hash)
         from pi05_export.runtime.backends import EMULATED_PRECISIONS
 
         emulate = manifest.precision if manifest.precision in EMULATED_PRECISIONS else None  # true bf16/fp16 on the CPU
@@ -168,7 +173,7 @@ def open_pipeline(
             f"the engines in {engine_dir} were built from other graphs than {artifacts}",
             hint=f"rebuild them: {build_cmd}",
         )
-    paths = {Component(n): engine_dir / e["path"] for n, e in engine_manifest.components.items()}
+    paths = {Component(n): engine_manifest.component_path(engine_dir, n, full_hash=full_hash) for n in engine_manifest.components}
     specs = {c: s for c, s in specs.items() if c in paths}  # only what was built (e.g. no fused denoise)
     return Pipeline(TensorRTBackend(paths, specs), cfg, specs)
 
