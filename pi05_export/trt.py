@@ -258,3 +258,144 @@ def engine_io(path: str | Path) -> dict[str, list[tuple[str, str, Sequence[int]]
         dims = engine.get_tensor_shape(name)
         io[key].append((name, str(engine.get_tensor_dtype(name)), tuple(dims[i] for i in range(len(dims)))))
     return io
+
+
+class _Context:
+    """One engine's execution context at fixed input shapes over static torch CUDA buffers (TensorRT's
+    ``set_tensor_address`` + ``execute_async_v3``: no Polygraphy, no copies). ``bind`` supplies input
+    buffers made elsewhere (another engine's outputs, reshaped), so engines chain without copies."""
+
+    def __init__(self, path: Path, shapes: Mapping[str, Shape], bind: Mapping[str, torch.Tensor] | None = None) -> None:
+        import tensorrt as trt
+        import torch
+
+        self.path = path
+        self.engine = load_engine(path)
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise ArtifactError(f"TensorRT could not create an execution context for {path}", hint="free GPU memory")
+        self.context: tensorrt.IExecutionContext = context
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        for name in names:
+            if self.engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+                continue
+            shape = tuple(shapes[name])
+            if not self.context.set_input_shape(name, shape):
+                raise ArtifactError(f"{path.name}: input {name} of shape {shape} is outside the engine's optimization profile",
+                                    hint="rebuild the engine with a profile that covers this batch, or lower --max-batch")
+            given = (bind or {}).get(name)
+            self.inputs[name] = given if given is not None else torch.empty(
+                shape, dtype=_torch_dtype(self.engine.get_tensor_dtype(name)), device="cuda")
+        for name in names:
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                continue
+            dims = self.context.get_tensor_shape(name)
+            self.outputs[name] = torch.empty(tuple(dims[i] for i in range(len(dims))),
+                                             dtype=_torch_dtype(self.engine.get_tensor_dtype(name)), device="cuda")
+        for name, buf in {**self.inputs, **self.outputs}.items():
+            self.context.set_tensor_address(name, buf.data_ptr())
+
+    def enqueue(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ArtifactError(f"TensorRT could not enqueue {self.path.name}", hint="run with PI05_DEBUG=1 and check TensorRT's log")
+
+
+class GraphedEngines:
+    """The whole inference on TensorRT engines at one batch size, as few launches as the engines allow.
+
+    vision -> llm (prefix) -> ``steps`` x (fused ``denoise`` engine + the fp32 Euler update ``x += dt * v_t``,
+    ``t += dt``, openpi ``pi0.py`` ``sample_actions``) over static CUDA buffers, the engines chained by binding
+    one engine's output buffer as the next one's input. Each part is captured in a CUDA graph (TensorRT
+    supports stream capture of ``enqueueV3`` once the input shapes are set and one enqueue has run, see
+    TensorRT's "CUDA Graphs" section of the developer guide): one encode graph and one denoise-loop graph per
+    step count. Where capture fails (e.g. an engine with data-dependent shapes or a plugin that synchronizes),
+    the same calls run uncaptured and the reason is logged.
+
+    **Never executed here**: TensorRT cannot be installed on this project's machines.
+    """
+
+    def __init__(self, engines: Mapping[str, Path], *, batch: int, views: int, num_patches: int, width: int,
+                 tokens: int, horizon: int, action_dim: int) -> None:
+        import torch
+
+        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        self.batch = batch
+        vision = _Context(engines["vision"], {"pixel_values": self._pixel_shape(engines["vision"], batch * views)})
+        embeds = vision.outputs["image_embeds"].view(batch, views * num_patches, width)
+        llm = _Context(engines["llm"], {"image_embeds": tuple(embeds.shape), "image_mask": (batch, views),
+                                        "tokens": (batch, tokens), "token_mask": (batch, tokens)},
+                       bind={"image_embeds": embeds})
+        kv, pm = llm.outputs["kv_cache"], llm.outputs["prefix_mask"]
+        denoise = _Context(engines["denoise"], {"x_t": (batch, horizon, action_dim), "t": (batch,),
+                                                "kv_cache": tuple(kv.shape), "prefix_mask": tuple(pm.shape)},
+                           bind={"kv_cache": kv, "prefix_mask": pm})
+        self.vision, self.llm, self.denoise = vision, llm, denoise
+        self.noise = torch.empty_like(denoise.inputs["x_t"])  # the loop restarts from it: every replay is whole
+        self.notes: dict[str, str] = {}
+        self._graphs: dict[str, Any] = {}
+
+    @staticmethod
+    def _pixel_shape(path: Path, images: int) -> Shape:
+        io = {name: shape for name, _, shape in engine_io(path)["inputs"]}
+        _, c, h, w = io["pixel_values"]
+        return (images, int(c), int(h), int(w))
+
+    def _run(self, key: str, body: Any) -> None:
+        """Replay ``key``'s graph, capturing it on first use (after one uncaptured run); uncaptured on failure."""
+        import torch
+
+        graph = self._graphs.get(key)
+        if graph is None and key not in self.notes:
+            with torch.cuda.stream(self.stream):
+                body()  # TensorRT's lazy setup happens on the first enqueue, outside any capture
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    body()
+                self._graphs[key] = graph
+                self.notes[key] = "CUDA graph"
+            except Exception as e:  # noqa: BLE001  (any capture failure -> uncaptured enqueues, logged)
+                self.notes[key] = f"uncaptured ({_last_line(e)})"
+                log.warning("TensorRT %s could not be captured in a CUDA graph, enqueuing per call: %s", key, _last_line(e))
+                graph = None
+        with torch.cuda.stream(self.stream):
+            if graph is not None:
+                graph.replay()
+            else:
+                body()
+
+    def sample(self, images: torch.Tensor, image_mask: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+               noise: torch.Tensor, steps: int) -> torch.Tensor:
+        """Inputs on the GPU (images float32 [B, V, 3, S, S], masks bool, tokens int64, noise float32 [B, H, A]) ->
+        actions float32 [B, H, A] (a static buffer: copy it before the next call)."""
+        import torch
+
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.vision.inputs["pixel_values"].copy_(images.flatten(0, 1))
+            self.llm.inputs["image_mask"].copy_(image_mask)
+            self.llm.inputs["tokens"].copy_(tokens)
+            self.llm.inputs["token_mask"].copy_(token_mask)
+            self.noise.copy_(noise)
+
+        def encode() -> None:
+            self.vision.enqueue(self.stream)
+            self.llm.enqueue(self.stream)
+
+        x, t, v = self.denoise.inputs["x_t"], self.denoise.inputs["t"], self.denoise.outputs["v_t"]
+        dt = -1.0 / steps
+
+        def loop() -> None:
+            x.copy_(self.noise)
+            t.fill_(1.0)
+            for _ in range(steps):
+                self.denoise.enqueue(self.stream)
+                x.add_(v.float() * dt)  # fp32, rounded as the reference's x + dt * v
+                t.add_(dt)
+
+        self._run("encode", encode)
+        self._run(f"denoise x{steps}", loop)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return x

@@ -134,6 +134,7 @@ class PipelineRunner:
         self.pipeline = open_pipeline(backend, artifacts, engines=engines, full_hash=full_hash)
         self.config = self.pipeline.config
         self.device = "cuda" if backend == "tensorrt" else "cpu"
+        self._graphed_engines: dict[int, Any] = {}
 
     @property
     def warmup_batches(self) -> tuple[int, ...]:
@@ -154,15 +155,43 @@ class PipelineRunner:
             actions = self.pipeline.sample_actions(obs, steps=steps).actions
         return actions, (time.perf_counter() - t0) * 1e3
 
+    def _graphed(self, batch: int) -> Any:
+        """:class:`pi05_export.trt.GraphedEngines` for ``batch`` (cached), or None when the engine set has no
+        fused denoise engine (then the engines run one by one; logged once)."""
+        from pi05_export.components import Component
+
+        if batch in self._graphed_engines:
+            return self._graphed_engines[batch]
+        engines = getattr(self.pipeline.backend, "engines", {})
+        graphed = None
+        if all(c in engines for c in (Component.vision, Component.llm, Component.denoise)):
+            from pi05_export.trt import GraphedEngines
+
+            cfg = self.config
+            graphed = GraphedEngines({c.value: engines[c] for c in (Component.vision, Component.llm, Component.denoise)},
+                                     batch=batch, views=cfg.num_views, num_patches=cfg.vision.num_patches,
+                                     width=cfg.llm.width, tokens=cfg.max_token_len, horizon=cfg.action_horizon,
+                                     action_dim=cfg.action_dim)
+        else:
+            log.warning("no fused denoise engine: TensorRT engines run one call at a time, without CUDA graphs "
+                        "(build with --components including denoise)")
+        self._graphed_engines[batch] = graphed
+        return graphed
+
     def _sample_on_device(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
                           noise: np.ndarray, steps: int) -> np.ndarray:
-        """Never executed here (no TensorRT): engines chained on CUDA tensors, fp32 Euler update."""
+        """Never executed here (no TensorRT): engines chained on CUDA tensors, fp32 Euler update; through
+        :class:`~pi05_export.trt.GraphedEngines` (CUDA graphs) when the set has a fused denoise engine."""
         import torch
 
         dev = torch.device("cuda")
         up = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in
               {"images": images, "image_mask": image_mask, "tokens": tokens, "token_mask": token_mask, "noise": noise}.items()}
         b, v = images.shape[:2]
+        graphed = self._graphed(b)
+        if graphed is not None:
+            return graphed.sample(up["images"], up["image_mask"], up["tokens"], up["token_mask"], up["noise"],  # type: ignore[no-any-return]
+                                  steps).cpu().numpy()
         emb = self.pipeline.vision(up["images"].flatten(0, 1))
         kv, pm = self.pipeline.prefix(emb.reshape(b, -1, emb.shape[-1]), up["image_mask"], up["tokens"], up["token_mask"])
         x = up["noise"].float()
