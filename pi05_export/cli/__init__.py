@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
 import traceback
+
+import typer
 
 from pi05_export.cli._app import app, err_console
 from pi05_export.errors import Pi05ExportError
@@ -15,6 +18,18 @@ for _command_module in ("convert", "info", "onnx", "quantize", "build", "validat
     importlib.import_module(f"pi05_export.cli.{_command_module}")
 
 USAGE_EXIT = 2
+# click's base exception, found through typer (Typer >= 0.20 bundles its own copy of click, older ones use click).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+# OS errors a user fixes by choosing another path or freeing space: one line naming the path, not a traceback,
+# whichever writer (atomic_write, torch.onnx's external data, safetensors, ONNX Runtime, reports) met them.
+_PATH_ERRNOS = {
+    errno.ENOSPC: "free disk space or write elsewhere", errno.EDQUOT: "free disk space or write elsewhere",
+    errno.EFBIG: "free disk space or write elsewhere (the file exceeds a size limit)",
+    errno.EROFS: "choose a writable --out", errno.EACCES: "choose a path you may write (and read)",
+    errno.EPERM: "choose a path you may write (and read)", errno.EISDIR: "name a file, not a directory",
+    errno.ENOTDIR: "a parent of the path is a file; choose another path", errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
 # Modules of the optional extras (pyproject.toml): the base install is the robot-side runtime.
 OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "polygraphy": "export", "matplotlib": "export",
                     "onnx_graphsurgeon": "quant", "modelopt": "quant", "skimage": "quant", "jax": "jax",
@@ -24,33 +39,53 @@ OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "polygraphy": "exp
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 a FAIL verdict, 2 usage / input / setup error.
 
-    Typer's standalone mode reports usage errors itself (exit 2) whichever click it bundles; our
-    user errors propagate out of it and are printed here as one line.
+    Typer runs outside its standalone mode, so every failure comes here and is printed as one line
+    ``error: <message> (hint: <fix>)`` on stderr: our user errors, click's usage errors (an unknown
+    option, a missing argument, a value out of range: exit 2, the hint names the command's ``--help``)
+    and OS errors on a path (disk full, read-only, permission: exit 2). ``--help`` still exits 0.
     """
     try:
-        app(args=argv, prog_name="pi05-export")
+        code = app(args=argv, prog_name="pi05-export", standalone_mode=False)
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else USAGE_EXIT)
     except Pi05ExportError as e:
-        if os.environ.get("PI05_DEBUG") == "1":
-            traceback.print_exc()
-        line = f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "")
-        err_console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
-        return e.exit_code
+        return _error(e.message, e.hint, e.exit_code)
+    except _CLICK_ERROR as e:
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "pi05-export"
+        message = " ".join(e.format_message().split())  # click wraps long messages over lines
+        code = USAGE_EXIT if getattr(e, "exit_code", 1) == 2 else e.exit_code
+        if not message:  # `pi05-export` alone: click printed the help already
+            return code
+        return _error(message, f"see `{command} --help`", code)
+    except typer.Abort:
+        return _error("aborted", None, 1)
+    except OSError as e:
+        if e.errno not in _PATH_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        return _error(f"{where}{e.strerror or os.strerror(e.errno)}", _PATH_ERRNOS[e.errno], USAGE_EXIT)
     except ModuleNotFoundError as e:
         extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
         if extra is None:
             raise
-        if os.environ.get("PI05_DEBUG") == "1":
-            traceback.print_exc()
-        err_console.print(f"error: this command needs the '{e.name}' module, which the base install leaves out "
-                          f"(hint: pip install 'pi05-export[{extra}]')", style="red", markup=False, highlight=False, soft_wrap=True)
-        return USAGE_EXIT
+        return _error(f"this command needs the '{e.name}' module, which the base install leaves out",
+                      f"pip install 'pi05-export[{extra}]'", USAGE_EXIT)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # Ctrl-C: typer turns a KeyboardInterrupt inside a command into exit code 130
         err_console.print("interrupted", style="red", markup=False)
-        return 130
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+def _error(message: str, hint: str | None, code: int) -> int:
+    """Print ``error: <message> (hint: <hint>)`` as one line on stderr (the traceback too with PI05_DEBUG=1)."""
+    if os.environ.get("PI05_DEBUG") == "1":
+        traceback.print_exc()
+    line = f"error: {message}" + (f" (hint: {hint})" if hint else "")
+    err_console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
+    return code
 
 
 def main() -> None:
