@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pi05_export.config import CHECKPOINT_CONFIG_KEY, Pi05Config
+from pi05_export.config import CHECKPOINT_CONFIG_KEY, Pi05Config, check_value
 from pi05_export.dtypes import graph_dtype, torch_dtype
 from pi05_export.errors import ArtifactError, CheckpointError, ConfigError
 
@@ -166,7 +166,11 @@ def _canonical(key: str, layout: Layout) -> str:
 
 
 def config_from_json(data: dict[str, Any]) -> Pi05Config:
-    """Config from an openpi-converter or lerobot ``config.json`` (plus our explicit-dims block)."""
+    """Config from an openpi-converter or lerobot ``config.json`` (plus our explicit-dims block).
+
+    Raises :class:`ConfigError` naming the field for a value of the wrong type (``"chunk_size": "50"``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(data).__name__}", hint="fix it or pass --config FILE")
     if CHECKPOINT_CONFIG_KEY in data:
         return Pi05Config.from_dict(data[CHECKPOINT_CONFIG_KEY])
     changes: dict[str, Any] = {}
@@ -185,11 +189,11 @@ def config_from_json(data: dict[str, Any]) -> Pi05Config:
     }.items():
         for name in names:
             if name in data:
-                changes[ours] = int(data[name])
+                changes[ours] = check_value(name, data[name], "int")
                 break
     if "image_resolution" in data:
         res = data["image_resolution"]
-        size = int(res[0] if isinstance(res, (list, tuple)) else res)
+        size = check_value("image_resolution", res[0] if isinstance(res, list) and res else res, "int")
         changes["vision"] = base.vision.__class__(**{**_vision_kwargs(base), "image_size": size})
     return base.replace(**changes)
 
