@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import sys
@@ -11,7 +10,7 @@ import traceback
 import typer
 
 from pi05_export.cli._app import app, err_console
-from pi05_export.errors import Pi05ExportError
+from pi05_export.errors import Pi05ExportError, path_error
 
 # Commands register on import, one module each; this order (the pipeline's) is the order `--help` lists them in.
 for _command_module in ("convert", "info", "onnx", "quantize", "build", "validate", "infer", "bench", "serve"):
@@ -20,16 +19,6 @@ for _command_module in ("convert", "info", "onnx", "quantize", "build", "validat
 USAGE_EXIT = 2
 # click's base exception, found through typer (Typer >= 0.20 bundles its own copy of click, older ones use click).
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-# OS errors a user fixes by choosing another path or freeing space: one line naming the path, not a traceback,
-# whichever writer (atomic_write, torch.onnx's external data, safetensors, ONNX Runtime, reports) met them.
-_PATH_ERRNOS = {
-    errno.ENOSPC: "free disk space or write elsewhere", errno.EDQUOT: "free disk space or write elsewhere",
-    errno.EFBIG: "free disk space or write elsewhere (the file exceeds a size limit)",
-    errno.EROFS: "choose a writable --out", errno.EACCES: "choose a path you may write (and read)",
-    errno.EPERM: "choose a path you may write (and read)", errno.EISDIR: "name a file, not a directory",
-    errno.ENOTDIR: "a parent of the path is a file; choose another path", errno.ENOENT: "check the path",
-    errno.ENAMETOOLONG: "use a shorter path",
-}
 # Modules of the optional extras (pyproject.toml): the base install is the robot-side runtime.
 OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "polygraphy": "export", "matplotlib": "export",
                     "onnx_graphsurgeon": "quant", "modelopt": "quant", "skimage": "quant", "jax": "jax",
@@ -61,11 +50,11 @@ def run(argv: list[str] | None = None) -> int:
         return _error(message, f"see `{command} --help`", code)
     except typer.Abort:
         return _error("aborted", None, 1)
-    except OSError as e:
-        if e.errno not in _PATH_ERRNOS:
+    except OSError as e:  # whichever writer met it: torch.onnx's external data, safetensors, ONNX Runtime, reports
+        error = path_error(e, action="")
+        if error is None:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        return _error(f"{where}{e.strerror or os.strerror(e.errno)}", _PATH_ERRNOS[e.errno], USAGE_EXIT)
+        return _error(error.message, error.hint, error.exit_code)
     except ModuleNotFoundError as e:
         extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
         if extra is None:

@@ -80,7 +80,13 @@ def status(message: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar on stderr, exposed as the library's ``progress(name, i, n)`` callback."""
+    """A rich progress bar on stderr, exposed as the library's ``progress(name, i, n)`` callback.
+
+    Only on a terminal: piped to a file or a log, stderr gets nothing from it (no stray blank line
+    before an ``error:`` line)."""
+    if not err_console.is_terminal:
+        yield lambda name, i, n: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(
