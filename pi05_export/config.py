@@ -282,8 +282,9 @@ def _sub_config(key: str, value: Any, typ: type) -> Any:
         )
     fields_ = {f.name: f for f in dataclasses.fields(typ)}
     for name, given in value.items():  # check a file's values naming the key (llm.width, expert.eps)
-        if fields_[name].type in ("int", "float"):
-            value[name] = check_value(f"{key}.{name}", given, fields_[name].type, minimum=0 if name == "vocab_size" else 1)
+        kind = str(fields_[name].type)
+        if kind in ("int", "float"):
+            value[name] = check_value(f"{key}.{name}", given, kind, minimum=0 if name == "vocab_size" else 1)
     try:
         built = typ(**value)
     except TypeError as e:

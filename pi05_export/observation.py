@@ -71,7 +71,7 @@ class Observation:
         if self.noise is not None:
             _check(source, "noise", self.noise, (b, cfg.action_horizon, cfg.action_dim), np.float32)
             _check_finite(source, "noise", self.noise, "draw it from N(0, 1), or leave it out to draw it from --seed")
-        _check_finite(source, "images", self.images, "scale uint8 pixels as images.astype(np.float32) / 255 * 2 - 1")
+        _check_finite(source, "images", self.images, "save finite pixels; a camera without a frame is zeros with image_mask False")
         if np.abs(self.images).max(initial=0) > 1.0 + 1e-3:
             raise InputError(f"{source}: images must be finite and in [-1, 1] (max |x| is {np.abs(self.images).max():.4g})",
                              hint="scale uint8 pixels as images.astype(np.float32) / 255 * 2 - 1")

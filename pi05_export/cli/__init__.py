@@ -6,6 +6,7 @@ import importlib
 import os
 import sys
 import traceback
+from typing import Any
 
 import typer
 
@@ -18,7 +19,7 @@ for _command_module in ("convert", "info", "onnx", "quantize", "build", "validat
 
 USAGE_EXIT = 2
 # click's base exception, found through typer (Typer >= 0.20 bundles its own copy of click, older ones use click).
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 # Modules of the optional extras (pyproject.toml): the base install is the robot-side runtime.
 OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "polygraphy": "export", "matplotlib": "export",
                     "onnx_graphsurgeon": "quant", "modelopt": "quant", "skimage": "quant", "jax": "jax",
@@ -44,7 +45,7 @@ def run(argv: list[str] | None = None) -> int:
         ctx = getattr(e, "ctx", None)
         command = ctx.command_path if ctx is not None else "pi05-export"
         message = " ".join(e.format_message().split())  # click wraps long messages over lines
-        code = USAGE_EXIT if getattr(e, "exit_code", 1) == 2 else e.exit_code
+        code = e.exit_code  # 2 for usage errors
         if not message:  # `pi05-export` alone: click printed the help already
             return code
         return _error(message, f"see `{command} --help`", code)
