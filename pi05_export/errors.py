@@ -58,7 +58,7 @@ class HardwareError(Pi05ExportError):
 # OS errors a user fixes by choosing another path or freeing space, with the fix for each.
 PATH_ERRNO_HINTS: dict[int, str] = {
     errno.ENOSPC: "free disk space or write elsewhere", errno.EDQUOT: "free disk space or write elsewhere",
-    errno.EFBIG: "free disk space or write elsewhere (the file exceeds a size limit)",
+    errno.EFBIG: "free disk space or write elsewhere; the file exceeds a size limit",
     errno.EROFS: "the file system is read-only; choose a writable --out",
     errno.EACCES: "choose a path you may read and write", errno.EPERM: "choose a path you may read and write",
     errno.EISDIR: "name a file, not a directory", errno.ENOTDIR: "a parent of the path is a file; choose another path",

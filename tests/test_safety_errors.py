@@ -175,10 +175,11 @@ sys.exit(run(sys.argv[2:]))
 @pytest.mark.parametrize("limit,argv,fragment", [
     (1000, ["infer", "--preset", "tiny", "--random-init", "--inputs", "{obs}", "--out", "{tmp}/a.npz", "--steps", "1"],
      "cannot write {tmp}/a.npz: File too large"),
-    (20_000, ["onnx", "--preset", "tiny", "--random-init", "--components", "projections", "--out", "{tmp}/out"],
+    (20_000, ["onnx", "--preset", "tiny", "--random-init", "--components", "projections", "--out", "{tmp}/new"],
      "projections.onnx"),
+    (30_000, ["validate", "{tmp}/out"], "cannot write {tmp}/out/reports: File too large"),
 ])
-def test_full_disk_is_one_line(tmp_path, obs, limit, argv, fragment):
+def test_full_disk_is_one_line(tmp_path, obs, export, limit, argv, fragment):
     argv = [a.format(obs=obs, tmp=tmp_path) for a in argv]
     from tests.cli_checks import snapshot
 
