@@ -246,12 +246,13 @@ class Manifest:
         return path
 
 
-def load_graph(path: str | Path, *, external_data: bool = False) -> Any:
-    """An ONNX ``ModelProto`` from ``path``, checked before anything trusts it; the one place graphs are read.
+def load_graph(path: str | Path) -> Any:
+    """An ONNX ``ModelProto`` (weights left in external data) from ``path``, checked before anything trusts
+    it; the one place graphs are read (``onnx.load_external_data_for_model`` loads the weights after).
 
     The proto must parse and hold a graph, and every tensor stored in external data (``.onnx.data``)
     must point inside the graph's folder (:func:`resolve_inside`) at an existing file long enough for
-    its ``offset + length``. With ``external_data`` the weights are loaded too. Raises
+    its ``offset + length``. Raises
     :class:`ArtifactError` (one line naming the file) for a missing, garbage or truncated ``.onnx``
     and a missing or short ``.onnx.data``, instead of protobuf's ``DecodeError`` or a crash later.
     """
@@ -288,8 +289,6 @@ def load_graph(path: str | Path, *, external_data: bool = False) -> Any:
         if end > sizes[data]:
             raise ArtifactError(f"{data} is truncated: {sizes[data]} bytes, but tensor {tensor.name!r} of {path.name} "
                                 f"ends at byte {end}", hint=hint)
-    if external_data:
-        onnx.load_external_data_for_model(model, str(path.parent))
     return model
 
 
