@@ -33,7 +33,7 @@ class Observation:
 
     @property
     def batch(self) -> int:
-        return int(self.images.shape[0]) if self.images.ndim else 0
+        return int(self.images.shape[0])
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -197,19 +197,17 @@ def npz_array_bytes(path: str | Path, max_bytes: int = MAX_NPZ_BYTES) -> int:
 
     path = Path(path)
     try:
-        archive = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        archive = zipfile.ZipFile(path)  # OSError (missing file, a directory) goes to the caller
+    except (zipfile.BadZipFile, ValueError) as e:
         raise InputError(f"{path} is not a readable .npz file ({e})", hint="write it with numpy.savez") from None
     total = 0
     with archive:
         for info in archive.infolist():
+            if not info.filename.endswith(".npy"):  # np.load returns other members as bytes
+                total += info.file_size
+                continue
             try:
                 with archive.open(info) as f:
-                    if not info.filename.endswith(".npy"):
-                        total += info.file_size
-                        continue
                     major, _ = np.lib.format.read_magic(f)
                     reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                     shape, _, dtype = reader(f)

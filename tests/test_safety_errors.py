@@ -8,6 +8,7 @@ builds its input here, runs the real command, and checks the exit code, exactly 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pi05_export.cli import run
@@ -226,3 +228,36 @@ def test_usage_error_is_one_line(tmp_path, capsys, case):
 def test_help_still_exits_0(capsys, argv):
     assert run(argv) == 0
     assert "Usage" in capsys.readouterr().out
+
+
+# name -> (writes tmp_path/"in.npz", fragment)
+INPUT_FILES = {
+    "directory": (lambda p: p.mkdir(), "is a directory"),
+    "not_a_zip": (lambda p: p.write_text("images,tokens\n"), "is not a readable .npz file (File is not a zip file)"),
+    "npy_not_npz": (lambda p: p.write_bytes(_npy_bytes()), "is not a readable .npz file"),
+    "truncated_zip": (lambda p: p.write_bytes(_npz_bytes()[:300]), "is not a readable .npz file"),
+    "pickled_objects": (lambda p: p.write_bytes(_npz_bytes(np.array([{"a": 1}], dtype=object))), "holds Python objects"),
+}
+
+
+def _npy_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3, np.float32))
+    return buf.getvalue()
+
+
+def _npz_bytes(images=None) -> bytes:
+    arrays = random_observation(Pi05Config.from_name("tiny"), batch=1).arrays()
+    if images is not None:
+        arrays["images"] = images
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(INPUT_FILES))
+def test_unreadable_inputs_file_is_one_line(tmp_path, capsys, case):
+    write, fragment = INPUT_FILES[case]
+    write(tmp_path / "in.npz")
+    _refused(capsys, tmp_path, ["infer", "--preset", "tiny", "--random-init", "--inputs", str(tmp_path / "in.npz"),
+                                "--out", str(tmp_path / "a.npz")], fragment)
