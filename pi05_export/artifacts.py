@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pi05_export import __version__
-from pi05_export.errors import ArtifactError, Pi05ExportError
+from pi05_export.errors import ArtifactError, Pi05ExportError, path_error
 from pi05_export.signals import check_interrupted, deferred_signals
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise ArtifactError(f"cannot write {path}: {e.strerror or e}", hint="choose a writable path with free space") from None
+        raise path_error(e, path) or ArtifactError(f"cannot write {path}: {e.strerror or e}",
+                                                   hint="choose a writable path with free space") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -379,6 +380,14 @@ def tool_versions() -> dict[str, str | None]:
     return versions
 
 
+# JSON types of the manifest's fields (Manifest.read checks them).
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "config": (dict,), "source": (dict,), "components": (dict,), "precision": (str,),
+    "opset": (int, type(None)), "recipe": (dict, type(None)), "inputs": (dict,), "extra": (dict,), "tools": (dict,),
+    "schema_version": (int,), "pi05_export": (str,),
+}
+
+
 @dataclass
 class Manifest:
     """The contract between stages, written as ``manifest.json`` (last) in every stage's output."""
@@ -416,6 +425,14 @@ class Manifest:
             manifest = cls(**data)
         except (ValueError, TypeError) as e:
             raise ArtifactError(f"{path} is not a valid pi05-export manifest ({e})", hint=hint) from None
+        for name, types in _MANIFEST_TYPES.items():  # JSON gives any type: check each field before use
+            value = getattr(manifest, name)
+            if not isinstance(value, types) or isinstance(value, bool) and int in types:
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ArtifactError(f"{path}: field {name!r} is {type(value).__name__} {value!r:.60}, expected {want}", hint=hint)
+        bad = next((k for k, v in manifest.components.items() if not isinstance(v, dict)), None)
+        if bad is not None:
+            raise ArtifactError(f"{path}: component {bad!r} is not a mapping", hint=hint)
         if manifest.schema_version != SCHEMA_VERSION:
             raise ArtifactError(
                 f"{path} has schema version {manifest.schema_version}, this tool reads {SCHEMA_VERSION}",
@@ -459,3 +476,64 @@ class Manifest:
                                     hint="re-run the stage that wrote it")
             log.info("%s predates per-file hashes: only its size was checked (re-run the stage to record them)", where)
         return path
+
+
+def load_graph(path: str | Path) -> Any:
+    """An ONNX ``ModelProto`` (weights left in external data) from ``path``, checked before anything trusts
+    it; the one place graphs are read (``onnx.load_external_data_for_model`` loads the weights after).
+
+    The proto must parse and hold a graph, and every tensor stored in external data (``.onnx.data``)
+    must point inside the graph's folder (:func:`resolve_inside`) at an existing file long enough for
+    its ``offset + length``. Raises
+    :class:`ArtifactError` (one line naming the file) for a missing, garbage or truncated ``.onnx``
+    and a missing or short ``.onnx.data``, instead of protobuf's ``DecodeError`` or a crash later.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    hint = "re-export it with `pi05-export onnx`; copy an .onnx together with its .onnx.data"
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ArtifactError(f"graph {path} is missing", hint=hint) from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read graph {path}: {e.strerror or e}", hint=hint) from None
+    except Exception as e:  # protobuf's DecodeError and friends: garbage or a truncated file
+        raise ArtifactError(f"{path} is not a readable ONNX graph ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})",
+                            hint=hint) from None
+    if not model.graph.node or not model.opset_import:
+        raise ArtifactError(f"{path} is not an ONNX graph (no nodes or no opset)", hint=hint)
+    sizes: dict[Path, int] = {}
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        try:
+            info = ExternalDataInfo(tensor)
+        except ValueError as e:
+            raise ArtifactError(f"{path}: tensor {tensor.name!r} has malformed external data ({e})", hint=hint) from None
+        data = resolve_inside(path.parent, info.location, f"{path} tensor {tensor.name!r} external data")
+        if data not in sizes:
+            if not data.is_file():
+                raise ArtifactError(f"{path} keeps its weights in {data}, which is missing", hint=hint)
+            sizes[data] = data.stat().st_size
+        end = (info.offset or 0) + (info.length or 0)
+        if end > sizes[data]:
+            raise ArtifactError(f"{data} is truncated: {sizes[data]} bytes, but tensor {tensor.name!r} of {path.name} "
+                                f"ends at byte {end}", hint=hint)
+    return model
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised while a library writes ``path`` into one :class:`ArtifactError` naming it.
+
+    For writers whose errors lose the errno: onnx_ir writes external data with ``numpy.tofile``, which
+    reports a full disk as ``OSError('problem writing element ...')``. Errors with a known errno get
+    that errno's hint (:func:`pi05_export.errors.path_error`).
+    """
+    try:
+        yield
+    except OSError as e:
+        raise path_error(e, path) or ArtifactError(f"cannot write {path}: {e}",
+                                                   hint="free disk space or choose a writable --out") from None

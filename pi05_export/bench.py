@@ -176,7 +176,12 @@ def load_bench_model(
 
 
 def bench_inputs(cfg: Pi05Config, batch: int, seed: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Fixed benchmark inputs: all views valid, 60% of the prompt tokens valid, Gaussian noise."""
+    """Fixed benchmark inputs: all views valid, 60% of the prompt tokens valid, Gaussian noise.
+
+    Raises :class:`InputError` before allocating when the batch would not fit in host memory."""
+    from pi05_export.observation import batch_bytes, check_memory
+
+    check_memory(batch_bytes(cfg, batch), f"--batch {batch}")
     gen = torch.Generator().manual_seed(seed)
     n_img, size, tokens = batch * cfg.num_views, cfg.vision.image_size, cfg.max_token_len
     valid = max(1, round(VALID_TOKEN_FRACTION * tokens))

@@ -26,6 +26,7 @@ from pi05_export.artifacts import (
     MANIFEST_NAME,
     Manifest,
     atomic_write,
+    load_graph,
     resolve_inside,
     sampled_sha256,
     sha256_file,
@@ -300,9 +301,7 @@ def profile_shapes(inputs: Sequence[TensorSpec], ranges: dict[str, tuple[int, in
 def check_graph_inputs(onnx_path: Path, inputs: Sequence[TensorSpec]) -> None:
     """The graph's inputs must match the manifest, dim for dim: a profile on a dim the graph made
     static (or a static profile on a dim the graph left dynamic) fails inside TensorRT much later."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = load_graph(onnx_path).graph
     initializers = {i.name for i in graph.initializer}
     got = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input if i.name not in initializers}
     want = {t.name: list(t.shape) for t in inputs}

@@ -165,7 +165,7 @@ def load_calibration_set(directory: str | Path | None, cfg: Pi05Config, samples:
     if directory is None:
         shipped = [d for d in sorted(SHIPPED_DIR.glob("*")) if (d / META_NAME).is_file()]
         for d in shipped:
-            meta = json.loads((d / META_NAME).read_text())
+            meta = _read_meta(d / META_NAME)
             if _fits(meta, cfg):
                 directory = d
                 break
@@ -176,7 +176,7 @@ def load_calibration_set(directory: str | Path | None, cfg: Pi05Config, samples:
     meta_path = directory / META_NAME
     if not meta_path.is_file():
         raise InputError(f"{directory} is not a calibration set (no {META_NAME})", hint="build one with `pi05-export calibration-build`")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(meta_path)
     differ = mismatches(meta, cfg)
     if differ:
         raise InputError(
@@ -188,6 +188,19 @@ def load_calibration_set(directory: str | Path | None, cfg: Pi05Config, samples:
         raise InputError(f"calibration set {directory} has no calib_*.npz files", hint="rebuild it with `pi05-export calibration-build`")
     return [load_observation(f, cfg) for f in files], {"kind": meta.get("kind"), "path": str(directory), "samples": len(files),
                                                        "tokenizer": meta.get("tokenizer")}
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``calibration.json`` as a mapping; :class:`InputError` for one that is unreadable or not a JSON object."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                         hint="rebuild the set with `pi05-export calibration-build`") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} must hold a JSON object, got {type(meta).__name__}",
+                         hint="rebuild the set with `pi05-export calibration-build`")
+    return meta
 
 
 def mismatches(meta: dict[str, Any], cfg: Pi05Config) -> list[str]:

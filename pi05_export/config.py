@@ -9,21 +9,97 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pi05_export.errors import ConfigError
+import yaml
+
+from pi05_export.errors import ConfigError, Pi05ExportError
 
 
-def _check_positive(obj: object, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(
-                f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}",
-                hint="fix the value in the config file",
-            )
+def check_value(name: str, value: Any, kind: str, *, minimum: int = 1) -> int | float:
+    """One typed check for a config value read from a file; returns it (an int given for a float as float).
+
+    ``kind`` is ``"int"`` (an integer >= ``minimum``; bools and 1.5 refused, never rounded) or ``"float"``
+    (a finite number > 0). Raises :class:`ConfigError` naming the field, the expected type and the value,
+    e.g. ``config field vision.eps must be a positive number, got 'x' (str)``.
+    """
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        expected = "a positive number"
+    if not ok:
+        raise ConfigError(f"config field {name} must be {expected}, got {value!r} ({type(value).__name__})",
+                          hint=f"fix {name} in the config file (README 'Config files')")
+    return float(value) if kind == "float" else value
+
+
+def _check_fields(obj: object, prefix: str) -> None:
+    """Type-check every int/float init field of a config dataclass (ints positive; ``vocab_size`` may be 0)."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if f.init and f.type in ("int", "float"):
+            value = check_value(prefix + f.name, getattr(obj, f.name), f.type, minimum=0 if f.name == "vocab_size" else 1)
+            object.__setattr__(obj, f.name, value)
+
+
+# The largest YAML/JSON file read as a config, recipe or robot profile (they are a few KiB).
+MAX_YAML_BYTES = 1 << 20
+
+
+class _AliasError(yaml.composer.ComposerError):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors/aliases: ``*ref`` (and ``<<: *ref`` merges) are refused while
+    composing, before anything is built, so an alias bomb ("billion laughs") cannot exhaust memory."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasError(None, None, f"alias *{event.anchor} is not accepted", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `eps: 1e-6` as the string "1e-6" (it wants "1.0e-6").
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(path: str | Path, what: str, error: type[Pi05ExportError] = ConfigError) -> tuple[Any, bytes]:
+    """Parse a YAML (or JSON) file safely: (data, raw bytes). The one loader for configs, recipes and profiles.
+
+    Refused with ``error`` (one line naming ``what`` and the path): an unreadable file, one over
+    ``MAX_YAML_BYTES``, a syntax error (with line and column), or anchors/aliases.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise error(f"{what} {path} is {path.stat().st_size} bytes, over the {MAX_YAML_BYTES} byte limit",
+                        hint="a config, recipe or profile is a few KiB; pass the right file")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}", hint="pass an existing file") from None
+    try:
+        return json.loads(raw), raw  # JSON first: YAML 1.1 would read a JSON 1e-06 as a string
+    except ValueError:
+        pass
+    try:
+        return yaml.load(raw, Loader=_NoAliasLoader), raw  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = "write the values out: anchors and aliases are refused" if isinstance(e, _AliasError) else "fix the syntax"
+        raise error(f"{what} {path} is not valid YAML/JSON: {problem}{where}", hint=hint) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +117,7 @@ class SiglipConfig:
     num_patches: int = field(init=False)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size")
+        _check_fields(self, "vision.")
         if self.width % self.num_heads:
             raise ConfigError(
                 f"vision.width {self.width} is not divisible by vision.num_heads {self.num_heads}",
@@ -76,7 +152,7 @@ class GemmaConfig:
     kv_width: int = field(init=False)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
+        _check_fields(self, "")  # _sub_config checks a file's values first, naming llm./expert.
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}",
@@ -114,7 +190,7 @@ class Pi05Config:
     prefix_len: int = field(init=False)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "action_dim", "action_horizon", "max_token_len", "num_views", "num_steps")
+        _check_fields(self, "")
         if self.llm.vocab_size <= 0:
             raise ConfigError("llm.vocab_size must be positive (the prefix LLM embeds tokens)", hint="set llm.vocab_size")
         if self.llm.depth != self.expert.depth:
@@ -165,21 +241,7 @@ class Pi05Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Pi05Config:
-        import yaml
-
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}", hint="pass an existing file") from None
-        try:  # JSON first: YAML 1.1 reads JSON's 1e-06 as the string "1e-06"
-            data = json.loads(text)
-        except ValueError:
-            data = None
-        try:
-            data = yaml.safe_load(text) if data is None else data  # YAML is a superset of JSON
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid JSON/YAML: {e}".splitlines()[0], hint="fix the syntax") from None
+        data, _ = load_yaml(path, "config file")  # YAML is a superset of JSON
         if isinstance(data, dict) and isinstance(data.get(CHECKPOINT_CONFIG_KEY), dict):  # a config.json this tool wrote
             return cls.from_dict(data[CHECKPOINT_CONFIG_KEY])
         if isinstance(data, dict) and ("paligemma_variant" in data or data.get("type") == "pi05"):
@@ -212,7 +274,8 @@ def _sub_config(key: str, value: Any, typ: type) -> Any:
             raise ConfigError(f"unknown {key} variant {value!r}", hint=f"valid variants: {valid}")
         return GEMMA_VARIANTS[value]
     if not isinstance(value, dict):
-        raise ConfigError(f"config '{key}' must be a mapping or a variant name", hint="see README 'Config files'")
+        raise ConfigError(f"config '{key}' must be a mapping or a variant name, got {value!r} ({type(value).__name__})",
+                          hint="see README 'Config files'")
     derived = {k: v for k, v in value.items() if k in {f.name for f in dataclasses.fields(typ)} - _init_fields(typ)}
     value = {k: v for k, v in value.items() if k not in derived}  # e.g. head_dim written by to_dict()
     unknown = set(value) - _init_fields(typ)
@@ -221,6 +284,11 @@ def _sub_config(key: str, value: Any, typ: type) -> Any:
             f"unknown key(s) in '{key}': {', '.join(sorted(unknown))}",
             hint=f"valid keys: {', '.join(sorted(_init_fields(typ)))}",
         )
+    fields_ = {f.name: f for f in dataclasses.fields(typ)}
+    for name, given in value.items():  # check a file's values naming the key (llm.width, expert.eps)
+        kind = str(fields_[name].type)
+        if kind in ("int", "float"):
+            value[name] = check_value(f"{key}.{name}", given, kind, minimum=0 if name == "vocab_size" else 1)
     try:
         built = typ(**value)
     except TypeError as e:

@@ -10,6 +10,9 @@ interrupted by SIGINT / SIGTERM (:mod:`pi05_export.signals`).
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class Pi05ExportError(Exception):
     """A mistake the user can fix (bad input, missing artifact, unsupported hardware)."""
@@ -51,3 +54,24 @@ class DependencyError(Pi05ExportError):
 
 class HardwareError(Pi05ExportError):
     """The GPU cannot run what was asked (e.g. NVFP4 on Hopper)."""
+
+
+# OS errors a user fixes by choosing another path or freeing space, with the fix for each.
+PATH_ERRNO_HINTS: dict[int, str] = {
+    errno.ENOSPC: "free disk space or write elsewhere", errno.EDQUOT: "free disk space or write elsewhere",
+    errno.EFBIG: "free disk space or write elsewhere; the file exceeds a size limit",
+    errno.EROFS: "the file system is read-only; choose a writable --out",
+    errno.EACCES: "choose a path you may read and write", errno.EPERM: "choose a path you may read and write",
+    errno.EISDIR: "name a file, not a directory", errno.ENOTDIR: "a parent of the path is a file; choose another path",
+    errno.ENOENT: "create the directory first or choose an existing one", errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def path_error(e: OSError, path: object = None, action: str = "cannot write") -> ArtifactError | None:
+    """One-line :class:`ArtifactError` naming the path for an ``OSError`` in :data:`PATH_ERRNO_HINTS`
+    (disk full, read-only, permission, missing directory, ...), else None (a bug: let it raise)."""
+    if e.errno not in PATH_ERRNO_HINTS:
+        return None
+    where = path if path is not None else e.filename
+    message = f"{action} {where}: ".lstrip() if where is not None else ""
+    return ArtifactError(message + (e.strerror or os.strerror(e.errno)), hint=PATH_ERRNO_HINTS[e.errno])

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, graph_files, sha256_graph, staging_dir
+from pi05_export.artifacts import MANIFEST_NAME, Manifest, graph_files, sha256_graph, staging_dir, writing
 from pi05_export.components import (
     ALL_COMPONENTS,
     BATCH,
@@ -88,7 +88,7 @@ def export_component(model: Any, component: Component, path: Path, *, compute_dt
     example = example_inputs(spec, cfg, batch=2)
     args = tuple(example[t.name] for t in spec.inputs)
     start = time.perf_counter()
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), torch.no_grad(), writing(path):
         torch.onnx.export(
             wrapper,
             args,

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from pi05_export.artifacts import load_graph
 from pi05_export.errors import ArtifactError
 
 _SMALL = 1 << 20  # scan initializers below 1 MiB for inf/NaN (masks and constants live there)
@@ -28,7 +29,7 @@ def lint_graph(path: Path) -> dict[str, Any]:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path)
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
     dtypes: dict[str, str] = {}

@@ -36,7 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pi05_export import nvfp4
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, graph_files, resolve_inside, sha256_file, staging_dir
+from pi05_export.artifacts import (
+    MANIFEST_NAME,
+    Manifest,
+    graph_files,
+    load_graph,
+    resolve_inside,
+    sha256_file,
+    staging_dir,
+    writing,
+)
 from pi05_export.components import Component, component_specs, example_inputs
 from pi05_export.dtypes import graph_dtype
 from pi05_export.errors import ArtifactError, ConfigError, RecipeError
@@ -299,7 +308,8 @@ def export_quantized_component(model: Any, component: Component, path: Path, *, 
         assert prog is not None  # dynamo export without a path returns the program
         keep = {"QuantizeLinear", "DequantizeLinear", "NvFp4QDQ", "NvFp4Weight"}
         onnxscript.optimizer.optimize_ir(prog.model, should_fold=lambda node: False if node.op_type in keep else None)
-        prog.save(str(path), external_data=True)
+        with writing(path):
+            prog.save(str(path), external_data=True)
     del prog
     gc.collect()
     fp4 = _finalize_fp4(path)
@@ -350,7 +360,8 @@ def _finalize_fp4(path: Path) -> bool:
     del g.node[:]
     g.node.extend(nodes)
     _set_opsets(model, {DOMAIN: None, "trt": 1})
-    onnx.save(model, str(path))
+    with writing(path):
+        onnx.save(model, str(path))
     return True
 
 
@@ -389,7 +400,7 @@ def runnable_onnx(path: str | Path) -> Path:
     path = Path(path)
     if path.name.endswith(EMULATED_SUFFIX):
         return path
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path)
     g = model.graph
     if not any(n.domain == "trt" for n in g.node):
         return path
@@ -435,7 +446,8 @@ def runnable_onnx(path: str | Path) -> Path:
     _set_opsets(model, {"trt": None})
     data_name = out.name + ".data"
     (out.parent / data_name).unlink(missing_ok=True)
-    onnx.save(model, str(out), save_as_external_data=True, location=data_name, size_threshold=1024)
+    with writing(out):
+        onnx.save(model, str(out), save_as_external_data=True, location=data_name, size_threshold=1024)
     del helper, TensorProto
     return out
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pi05_export.config import load_yaml
 from pi05_export.errors import RecipeError
 
 log = logging.getLogger(__name__)
@@ -126,25 +127,13 @@ def list_recipes() -> dict[str, str]:
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A shipped recipe by name (``fp8``) or a YAML file by path; validates the schema."""
-    import yaml
-
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") or path.exists()):
         path = RECIPES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
             raise RecipeError(f"unknown recipe {str(name_or_path)!r}", hint=f"shipped recipes: {shipped}; or pass a .yaml path")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}", hint="pass an existing .yaml file") from None
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"recipe {path} is not valid YAML: {problem}{where}", hint="fix the YAML syntax") from None
+    data, raw = load_yaml(path, "recipe", RecipeError)
     return parse_recipe(data, source=str(path), sha256=hashlib.sha256(raw).hexdigest(), default_name=path.stem)
 
 

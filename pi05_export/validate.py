@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pi05_export.artifacts import Manifest, staging_dir, tool_versions
+from pi05_export.artifacts import Manifest, staging_dir, tool_versions, writing
 from pi05_export.components import Component, ComponentSpec
 from pi05_export.errors import ArtifactError
 from pi05_export.metrics import BASELINE_STEPS, compare, steps_table
@@ -188,6 +188,7 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
     )
     with contextlib.ExitStack() as stack:
         if write_report:  # replace OUT/reports only with a complete new report
+            stack.enter_context(writing(artifacts / REPORTS))  # a full disk names the reports, not a polygraphy file
             tmp = stack.enter_context(staging_dir(artifacts / REPORTS, marker="validation.json", marker_keys=("checks", "status")))
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pi05-validate-")))

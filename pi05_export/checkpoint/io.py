@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pi05_export.checkpoint.stored import Stored, check_float_dtype, materialize, plan_parameters
-from pi05_export.config import CHECKPOINT_CONFIG_KEY, Pi05Config
+from pi05_export.config import CHECKPOINT_CONFIG_KEY, Pi05Config, check_value
 from pi05_export.dtypes import graph_dtype, torch_dtype
 from pi05_export.errors import ArtifactError, CheckpointError, ConfigError
 
@@ -191,7 +191,10 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> Pi05Con
 
     The action horizon changes the actions (not only their count), so a file without one
     (``action_horizon``, or lerobot's ``chunk_size``) is a :class:`ConfigError`, never a default.
+    Raises :class:`ConfigError` naming the field for a value of the wrong type (``"chunk_size": "50"``).
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a JSON object, got {type(data).__name__}", hint="fix it or pass --config FILE")
     if CHECKPOINT_CONFIG_KEY in data:
         return Pi05Config.from_dict(data[CHECKPOINT_CONFIG_KEY])
     if "action_horizon" not in data and "chunk_size" not in data:
@@ -213,11 +216,11 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> Pi05Con
     }.items():
         for name in names:
             if name in data:
-                changes[ours] = int(data[name])
+                changes[ours] = check_value(name, data[name], "int")
                 break
     if "image_resolution" in data:
         res = data["image_resolution"]
-        size = int(res[0] if isinstance(res, (list, tuple)) else res)
+        size = check_value("image_resolution", res[0] if isinstance(res, list) and res else res, "int")
         changes["vision"] = base.vision.__class__(**{**_vision_kwargs(base), "image_size": size})
     return base.replace(**changes)
 

@@ -44,7 +44,9 @@ CheckpointArg = Annotated[
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="Preset instead of a checkpoint: tiny | pi05.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Config file (JSON/YAML) with explicit dimensions.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Seeded random weights (with --preset/--config).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights / noise.")]
+# numpy's legacy seeding (and so every seeded library) takes 0 <= seed < 2**32; torch.manual_seed more.
+SEED_MAX = 2**32 - 1
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for random weights / noise (0 to 2**32-1).")]
 
 # Options shared by `serve` and `infer --robot` (one definition each).
 RobotOpt = Annotated[str, typer.Option("--robot", help="Robot profile: libero | droid | aloha | a profile YAML file.")]
@@ -80,7 +82,13 @@ def status(message: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar on stderr, exposed as the library's ``progress(name, i, n)`` callback."""
+    """A rich progress bar on stderr, exposed as the library's ``progress(name, i, n)`` callback.
+
+    Only on a terminal: piped to a file or a log, stderr gets nothing from it (no stray blank line
+    before an ``error:`` line)."""
+    if not err_console.is_terminal:
+        yield lambda name, i, n: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from pi05_export.config import load_yaml
 from pi05_export.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "robots"
@@ -184,11 +185,9 @@ def _check(p: RobotProfile) -> None:
 
 
 def shipped_profiles() -> dict[str, RobotProfile]:
-    import yaml
-
     out = {}
     for f in sorted(PROFILE_DIR.glob("*.yaml")):
-        p = profile_from_dict(yaml.safe_load(f.read_text()), f.name)
+        p = profile_from_dict(load_yaml(f, "robot profile")[0], f.name)
         out[p.name] = p
     return out
 
@@ -198,18 +197,10 @@ def load_profile(name_or_path: str | Path) -> RobotProfile:
 
     Raises :class:`ConfigError` for an unknown name (listing the known ones) or an invalid file.
     """
-    import yaml
-
     text = str(name_or_path)
     path = Path(text).expanduser()
     if text.endswith((".yaml", ".yml")) or path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read robot profile {path}: {e.strerror}", hint="pass an existing YAML file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"robot profile {path} is not valid YAML: {str(e).splitlines()[0]}", hint="fix the syntax") from None
-        return profile_from_dict(data, str(path))
+        return profile_from_dict(load_yaml(path, "robot profile")[0], str(path))
     profiles = shipped_profiles()
     if text not in profiles:
         raise ConfigError(f"unknown robot {text!r}", hint=f"known robots: {', '.join(profiles)}; or pass a profile YAML file")

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pi05_export.artifacts import load_graph
 from pi05_export.components import Component, ComponentSpec, TensorSpec
 from pi05_export.errors import ArtifactError
 
@@ -79,7 +80,7 @@ def emulation_copy(src: Path, dst: Path, precision: str) -> Path:
         raise ValueError(f"no emulation for {precision!r}")
     low = TensorProto.BFLOAT16 if precision == "bf16" else TensorProto.FLOAT16
     typed_interface = precision == "fp16"
-    model = onnx.load(str(src), load_external_data=False)  # shape inference on the proto alone (graphs > 2 GB)
+    model = load_graph(src)  # shape inference on the proto alone (graphs > 2 GB)
     inferred = onnx.shape_inference.infer_shapes(model)
     low_values = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.output) if vi.type.tensor_type.elem_type == low}
     low_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == low]
@@ -193,10 +194,18 @@ class OnnxRuntimeBackend:
             if self.emulate:
                 self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix=f"pi05-{self.emulate}-")
                 path = self.emulated[component] = emulation_copy(path, Path(self._tmp.name) / path.name, self.emulate)
+            else:
+                load_graph(path)  # a garbage/truncated .onnx or a short .onnx.data: one line, not an ORT traceback
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            self._sessions[component] = ort.InferenceSession(str(path), opts, providers=providers)
+            try:
+                self._sessions[component] = ort.InferenceSession(str(path), opts, providers=providers)
+            except Exception as e:
+                if not type(e).__module__.startswith("onnxruntime"):
+                    raise
+                raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}",
+                                    hint="re-export it with `pi05-export onnx`") from None
         return self._sessions[component]
 
     def run(self, component: Component, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
