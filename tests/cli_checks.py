@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.snapshot import snapshot
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root``: relative path -> (size, mtime in ns)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+__all__ = ["assert_refused", "snapshot"]
 
 
 def assert_refused(capsys: pytest.CaptureFixture[str], root: Path, argv: list[str], fragment: str) -> str:
