@@ -77,7 +77,11 @@ def inspect_cmd(
             out_console.print("  ops: " + ", ".join(f"{k}={v}" for k, v in sorted(r["ops"].items())))
             out_console.print("  ops by output dtype: " + ", ".join(f"{k}={v}" for k, v in sorted(r["op_output_dtypes"].items())))
             inside = [m for m in r["fp32_matmuls"] if m["island"]]
-            layers = sorted({re.sub(r"\.\d+\.", ".*.", m["module"]).removeprefix("paligemma_with_expert.") for m in inside})
+            groups: dict[str, set[str]] = {}  # layers.0/layers.1/... -> layers.* where several share a name
+            for m in inside:
+                short = m["module"].removeprefix("paligemma_with_expert.")
+                groups.setdefault(re.sub(r"\.\d+\.", ".*.", short), set()).add(short)
+            layers = sorted(pattern if len(names) > 1 else next(iter(names)) for pattern, names in groups.items())
             outside = len(r["fp32_matmuls"]) - len(inside)
             fp32 = f"; float32 ones: {len(inside)} in fp32 islands ({', '.join(layers)}), {outside} outside" \
                 if r["typed"] and r["fp32_matmuls"] else ""
