@@ -173,6 +173,15 @@ def activation_rows(peaks: dict[str, float], rows: int = ACTIVATION_ROWS) -> lis
     return [{"layer": n, "max_abs": peaks[n], "vs_fp16": peaks[n] / FP16_MAX, "order": order[n]} for n in keep]
 
 
+def measure_activations(model: Any, obs: Observation, *, steps: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`activation_rows` of one fp32 reference sampling run (``steps`` Euler steps, default the
+    config's) on ``obs``: the per-layer magnitudes ``inspect --inputs`` prints."""
+    cfg = model.config
+    with activation_peaks(model) as peaks:
+        pipeline_for_model(model).sample_actions(obs.with_noise(cfg, seed), steps=steps or cfg.num_steps, seed=seed)
+    return activation_rows(peaks)
+
+
 def fp16_overflow_advice(rows: list[dict[str, Any]]) -> str | None:
     """One line naming the first layer whose activations pass 65504 and the two fixes, or None."""
     over = sorted((r for r in rows if r["max_abs"] > FP16_MAX), key=lambda r: r["order"])

@@ -58,7 +58,7 @@ def test_later_rules_win_and_denoise_means_expert_plus_projections(tiny_model):
     f = resolve_recipe(r, tiny_model).formats
     assert f["paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.up_proj"] == "fp4"
     assert f["paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.gate_proj"] == "fp8"
-    assert f["paligemma_with_expert.gemma_expert.model.layers.0.mlp.up_proj"] == "fp32"
+    assert f["paligemma_with_expert.gemma_expert.model.layers.0.mlp.up_proj"] == "bf16"  # unquantized: base bf16
     assert f["action_out_proj"] == "fp32"
 
 

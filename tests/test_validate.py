@@ -162,3 +162,7 @@ def test_fp16_overflow_fails_and_names_the_layer(tmp_path, capsys):
     capsys.readouterr()
     assert run(["inspect", str(tmp_path / "guarded")]) == 0  # the kept layer counts as an fp32 island
     assert "language_model.layers.0.mlp.down_proj), 0 outside" in capsys.readouterr().out.replace("\n", "")
+    save_npz(tmp_path / "obs.npz", random_observation(model.config, 1, seed=5).arrays())
+    assert run(["inspect", str(tmp_path / "bf16"), "--inputs", str(tmp_path / "obs.npz"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["activations"]  # the same table, from inspect
+    assert min(r["order"] for r in rows if r["max_abs"] > 65504) == next(r["order"] for r in rows if r["layer"] == layer)

@@ -59,6 +59,11 @@ def onnx(
 def inspect_cmd(
     out: Annotated[Path, typer.Argument(help="Directory written by `pi05-export onnx` (or a .onnx file).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    inputs: Annotated[Path | None, typer.Option(
+        "--inputs", help="Observation .npz: also run the fp32 reference on it and print each layer's largest activation "
+                         "against fp16's 65504 (informational; validate gives the verdict).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="With --inputs: the reference checkpoint (default: manifest source).")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Lint exported graphs: ops, opset, dtype census (ops per output dtype, MatMul/Gemm input dtypes, fp32
     MatMuls outside the fp32 islands of a typed graph), casts, initializer bytes, -inf constants. Exit 1 on a problem."""
@@ -68,8 +73,9 @@ def inspect_cmd(
     from pi05_export.lint import lint_graphs
 
     reports = lint_graphs(out)
+    activations = _activations(out, inputs, checkpoint, config) if inputs is not None else None
     if as_json:
-        out_console.print_json(json.dumps(reports))
+        out_console.print_json(json.dumps(reports if activations is None else {**reports, "activations": activations}))
     else:
         for name, r in reports.items():
             out_console.print(f"[bold]{name}[/] opset={r['opset']} nodes={r['nodes']} casts={r['casts']} "
@@ -89,5 +95,31 @@ def inspect_cmd(
                               highlight=False)
             for problem in r["problems"]:
                 out_console.print(f"  [red]problem:[/] {problem}")
+        if activations is not None:
+            from pi05_export.validate import FP16_MAX, fp16_overflow_advice
+
+            out_console.print(f"[bold]largest activations[/] (fp32 reference on {inputs}; |value| a layer reads or writes) "
+                              f"vs fp16's {FP16_MAX:.0f}:")
+            for row in activations:
+                flag = "  [red]overflows fp16[/]" if row["max_abs"] > FP16_MAX else ""
+                out_console.print(f"  {row['max_abs']:10.4g}  {row['vs_fp16']:9.3g}x  {row['layer']}{flag}", highlight=False)
+            advice = fp16_overflow_advice(activations)
+            if advice:
+                out_console.print(f"  note: {advice}", highlight=False)
     if any(r["problems"] for r in reports.values()):
         raise typer.Exit(1)
+
+
+def _activations(out: Path, inputs: Path, checkpoint: Path | None, config: Path | None) -> list[dict[str, object]]:
+    """The per-layer activation table of the reference these graphs came from, on ``inputs``."""
+    from pi05_export.artifacts import Manifest
+    from pi05_export.checkpoint import reference_model
+    from pi05_export.errors import ConfigError
+    from pi05_export.observation import load_observation
+    from pi05_export.validate import measure_activations
+
+    if not out.is_dir():
+        raise ConfigError("--inputs needs an export directory (its manifest names the reference checkpoint)",
+                          hint=f"pass the directory holding {out.name}")
+    model = reference_model(Manifest.read(out).source, checkpoint, config)
+    return measure_activations(model, load_observation(inputs, model.config))
