@@ -27,6 +27,8 @@ _NEWER_THAN_TRT_10_13 = {"Attention": "10.14", "RMSNormalization": "10.15"}
 
 
 TYPED = ("float16", "bfloat16")
+# Output types of TensorRT plugin ops, which ONNX shape inference cannot know.
+_PLUGIN_OUTPUTS = {"TRT_FP4DynamicQuantize": "float4_e2m1fn"}
 
 
 def node_module(node: Any) -> str | None:
@@ -85,7 +87,7 @@ def lint_graph(path: Path, precision: str | None = None, keep_fp32: Sequence[str
     fp32_matmuls: list[dict[str, Any]] = []
     for node in g.node:
         ops[node.op_type] += 1
-        op_dtypes[next((dtypes.get(o, "?") for o in node.output if o), "?")] += 1
+        op_dtypes[_PLUGIN_OUTPUTS.get(node.op_type) or next((dtypes.get(o, "?") for o in node.output if o), "?")] += 1
         if node.op_type == "Cast":
             to = next(a.i for a in node.attribute if a.name == "to")
             casts[f"{dtypes.get(node.input[0], '?')}->{onnx.helper.tensor_dtype_to_np_dtype(to).name}"] += 1

@@ -110,20 +110,22 @@ def test_onnx_runtime_sampling_loop_action_cosine(quantized, calib):
     assert min(cosines) >= MIN_ACTION_COSINE[name], f"{name}: ORT action cosine {cosines}, max abs {max_abs}"
 
 
-def test_graphs_are_typed_bf16_with_the_export_islands(quantized):
+def test_graphs_are_typed_bf16_with_the_export_islands(quantized, tiny_export):
     """Q/DQ high-precision side bf16, every MatMul/Gemm bf16 x bf16 except the typed export's fp32 islands,
-    the NVFP4 quantizer fed bf16; the same census the non-quantized bf16 export has."""
+    the NVFP4 quantizer fed bf16; FP8 graphs have exactly the fp32 ops of `onnx --precision bf16`."""
     import onnx
 
     from pi05_export.lint import lint_graphs
 
     name, report = quantized
     assert report.manifest.precision == "bf16" and report.manifest.recipe["base"] == "bf16"
-    reports = lint_graphs(report.out_dir)
+    reports, typed_export = lint_graphs(report.out_dir), lint_graphs(tiny_export("bf16"))
     for comp, r in reports.items():
         assert not r["problems"], (comp, r["problems"])
-        assert set(r["matmul_input_dtypes"]) <= {"bfloat16xbfloat16", "float32xfloat32"}, (comp, r["matmul_input_dtypes"])
+        assert r["matmul_input_dtypes"] == typed_export[comp]["matmul_input_dtypes"], comp
         assert all(m["island"] for m in r["fp32_matmuls"]), comp
+        if name == "fp8":  # NVFP4 adds fp32 dequantized scales/blocks, cast to bf16 before the MatMul (ModelOpt's layout)
+            assert r["op_output_dtypes"]["float32"] == typed_export[comp]["op_output_dtypes"]["float32"], comp
     assert reports["llm"]["matmul_input_dtypes"] == {"bfloat16xbfloat16": 11}  # 2 layers x 7 minus the last o_proj/MLP + 2 attention
     assert {m["module"] for m in reports["denoise"]["fp32_matmuls"]} >= {"action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"}
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(report.out_dir / "onnx" / "llm.onnx"), load_external_data=False)).graph
