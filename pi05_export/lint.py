@@ -44,6 +44,19 @@ def node_module(node: Any) -> str | None:
     return modules[-1].removeprefix("model.") if modules else None
 
 
+def _upstream_layers(nodes: Sequence[Any]) -> dict[str, str | None]:
+    """Per node name: its own layer (:func:`node_module`), else the layer of the node producing its first
+    input, recursively: the attention matmuls, which run in the stack's method (no layer of their own),
+    belong to the attention whose q_proj feeds them. Nodes in topological order (as ONNX requires)."""
+    producer: dict[str, str] = {o: n.name for n in nodes for o in n.output}
+    layer: dict[str, str | None] = {}
+    for n in nodes:
+        own = node_module(n)
+        first = producer.get(n.input[0]) if n.input else None
+        layer[n.name] = own if own is not None else (layer.get(first) if first is not None else None)
+    return layer
+
+
 def _graph_paths(path: Path) -> tuple[dict[str, Path], str | None, list[str]]:
     """Graphs, their precision (None for a bare .onnx file) and the manifest's extra fp32 islands."""
     if path.is_file() and path.suffix == ".onnx":
@@ -85,6 +98,7 @@ def lint_graph(path: Path, precision: str | None = None, keep_fp32: Sequence[str
     matmul: Counter[str] = Counter()
     op_dtypes: Counter[str] = Counter()
     fp32_matmuls: list[dict[str, Any]] = []
+    upstream = _upstream_layers(g.node)
     for node in g.node:
         ops[node.op_type] += 1
         op_dtypes[_PLUGIN_OUTPUTS.get(node.op_type) or next((dtypes.get(o, "?") for o in node.output if o), "?")] += 1
@@ -95,8 +109,8 @@ def lint_graph(path: Path, precision: str | None = None, keep_fp32: Sequence[str
             ins = [dtypes.get(i, "?") for i in node.input[:2]]
             matmul["x".join(ins)] += 1
             if "float32" in ins:
-                module = node_module(node)
-                fp32_matmuls.append({"node": node.name, "module": module,
+                module = upstream[node.name]  # its layer, or for attention the layer feeding it
+                fp32_matmuls.append({"node": node.name, "module": module, "own_layer": node_module(node) is not None,
                                      "island": module is not None and keeps_fp32(module, keep_fp32)})
         elif node.op_type == "Constant":
             for a in node.attribute:
@@ -110,7 +124,7 @@ def lint_graph(path: Path, precision: str | None = None, keep_fp32: Sequence[str
     if typed:
         for m in fp32_matmuls:
             if not m["island"]:
-                where = f"layer {m['module']}" if m["module"] else "no layer"
+                where = f"layer {m['module']}" if m["own_layer"] else f"fed by layer {m['module']}" if m["module"] else "no layer"
                 problems.append(f"{m['node']} ({where}) runs in float32 in a typed graph, outside the fp32 islands")
     return {
         "path": str(path),
