@@ -151,7 +151,14 @@ def test_fp16_overflow_fails_and_names_the_layer(tmp_path, capsys):
         assert run(["onnx", str(tmp_path / "ckpt"), "--precision", precision, "--out", str(out), "--components",
                     "vision,llm,denoise", *guard]) == 0
         verdicts[name] = run(["validate", str(out), "--steps", "3"])
-    assert verdicts == {"fp16": 1, "bf16": 0, "guarded": 0}
+    recipe = tmp_path / "guarded.yaml"  # the same guard as a recipe rule (typed fp16 graphs from `quantize`)
+    recipe.write_text(json.dumps({"name": "fp16_guarded", "base": "fp16", "rules": [
+        {"match": "*", "format": "none"}, {"match": layer, "format": "fp32", "why": "passes 65504"}]}))
+    assert run(["quantize", str(tmp_path / "ckpt"), "--recipe", str(recipe), "--out", str(tmp_path / "q"),
+                "--components", "vision,llm,denoise"]) == 0
+    verdicts["recipe"] = run(["validate", str(tmp_path / "q" / "fp16_guarded"), "--steps", "3"])
+    assert verdicts == {"fp16": 1, "bf16": 0, "guarded": 0, "recipe": 0}
+    assert json.loads((tmp_path / "q" / "fp16_guarded" / "manifest.json").read_text())["extra"]["keep_fp32"] == [layer]
     report = (tmp_path / "fp16" / "reports" / "validation.md").read_text()
     assert "layers.0.mlp.down_proj" in report and "65504" in report and "Export bf16" in report
     assert f"--keep-fp32 '{layer}'" in report  # the guard, spelled out
