@@ -1,7 +1,7 @@
 """Peak RSS and wall time of `pi05-export quantize` (default: --recipe fp8 at full size, random weights).
 
     python benchmarks/bench_quantize.py [--preset pi05] [--recipe fp8] [--samples 1] [--steps 10]
-                                        [--accuracy-samples 1] [--components ...] [--out DIR]
+                                        [--accuracy-samples 1] [--components ...] [--precision bf16] [--out DIR]
 
 Runs the CLI in a subprocess under ``/usr/bin/time -v`` (whole-process peak RSS), then reads the
 per-stage wall time and cumulative peak RSS that ``quantize`` records in its manifest. Prints a
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--accuracy-samples", type=int, default=1)
     ap.add_argument("--components", default=None)
+    ap.add_argument("--precision", default=None, help="the graphs' type (default: the recipe's base, bf16 for fp8)")
     ap.add_argument("--out", type=Path, default=None, help="keep the output here (default: a temp dir, removed)")
     args = ap.parse_args()
 
@@ -38,6 +39,8 @@ def main() -> None:
            "--samples", str(args.samples), "--steps", str(args.steps), "--accuracy-samples", str(args.accuracy_samples)]
     if args.components:
         cmd += ["--components", args.components]
+    if args.precision:
+        cmd += ["--precision", args.precision]
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
     start = time.perf_counter()
     proc = subprocess.run(timer + cmd, capture_output=True, text=True)
@@ -49,7 +52,7 @@ def main() -> None:
     manifest = out / args.recipe / "manifest.json"
     if proc.returncode == 0 and manifest.is_file():
         extra = json.loads(manifest.read_text())["extra"]
-        result.update({"stage_seconds": extra.get("seconds"), "stage_peak_rss_gib": extra.get("peak_rss_gib"),
+        result.update({"precision": json.loads(manifest.read_text())["precision"],"stage_seconds": extra.get("seconds"), "stage_peak_rss_gib": extra.get("peak_rss_gib"),
                        "coverage": extra.get("coverage"), "fake_quant_action_cosine": extra.get("fake_quant_action_cosine"),
                        "bytes": {k: v["bytes"] for k, v in json.loads(manifest.read_text())["components"].items()}})
     else:

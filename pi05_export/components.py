@@ -72,6 +72,20 @@ class ComponentSpec:
     def dynamic_dims(self) -> set[str]:
         return {d for t in (*self.inputs, *self.outputs) for d in t.shape if isinstance(d, str)}
 
+    def graph_module(self, model: nn.Module) -> nn.Module:
+        """What gets exported: ``wrap(model)`` with each output cast to the dtype this spec declares, so
+        the graph keeps its I/O contract whatever dtype the last layer ran in (e.g. a ``--keep-fp32``
+        layer before an fp16 output). The cast is a no-op (no node) where the dtypes already agree."""
+        dtypes = tuple(t.torch_dtype for t in self.outputs)
+
+        def cast(module: nn.Module, args: Any, out: Any) -> Any:
+            outs = tuple(o.to(d) for o, d in zip(out if isinstance(out, tuple) else (out,), dtypes, strict=True))
+            return outs if isinstance(out, tuple) else outs[0]
+
+        wrapper = self.wrap(model).eval()
+        wrapper.register_forward_hook(cast)
+        return wrapper
+
 
 # -- wrappers: explicit tensors in, explicit tensors out ----------------------------------------
 class _Wrapper(nn.Module):

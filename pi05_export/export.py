@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 19
 ONNX_SUBDIR = "onnx"
 MAX_DYNAMIC = 4096
+_ONNX_DTYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int64": 7, "bool": 9}  # onnx.TensorProto enums
 
 
 def parse_components(names: Sequence[str] | str | None) -> list[Component]:
@@ -84,7 +85,7 @@ def export_component(model: Any, component: Component, path: Path, *, compute_dt
 
     cfg = model.config
     spec = component_specs(cfg, compute_dtype)[component]
-    wrapper = spec.wrap(model).eval()
+    wrapper = spec.graph_module(model)
     example = example_inputs(spec, cfg, batch=2)
     args = tuple(example[t.name] for t in spec.inputs)
     start = time.perf_counter()
@@ -105,12 +106,23 @@ def export_component(model: Any, component: Component, path: Path, *, compute_dt
     seconds = time.perf_counter() - start
     onnx.checker.check_model(str(path))  # by path: works for graphs over 2 GB
     proto = onnx.load(str(path), load_external_data=False)
-    got_in = [i.name for i in proto.graph.input]
-    got_out = [o.name for o in proto.graph.output]
-    want_in, want_out = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
-    if got_in != want_in or got_out != want_out:  # a bug, not a user error
-        raise RuntimeError(f"{component.value}: exported I/O {got_in}->{got_out} != spec {want_in}->{want_out}")
+    check_graph_io(proto, spec)
     return component_entry(path, spec, seconds)
+
+
+def check_graph_io(proto: Any, spec: ComponentSpec) -> None:
+    """The exported graph's input/output names and dtypes are the spec's (a mismatch is a bug, not a user error)."""
+    from onnx import helper
+
+    def io(values: Any) -> list[tuple[str, str]]:
+        return [(v.name, helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in values]
+
+    def want(tensors: Sequence[Any]) -> list[tuple[str, str]]:  # numpy has no bfloat16: onnx maps it to ml_dtypes'
+        return [(t.name, helper.tensor_dtype_to_np_dtype(_ONNX_DTYPES[t.dtype]).name) for t in tensors]
+
+    got, expected = (io(proto.graph.input), io(proto.graph.output)), (want(spec.inputs), want(spec.outputs))
+    if got != expected:
+        raise RuntimeError(f"{spec.name.value}: exported I/O {got} != spec {expected}")
 
 
 def dynamic_shapes(spec: ComponentSpec) -> dict[str, Any]:
@@ -162,18 +174,21 @@ def export_onnx(
     components: Sequence[str] | str | None = None,
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
+    keep_fp32: Sequence[str] = (),
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Manifest:
     """Export ``components`` of ``model`` into ``out_dir`` (replaced atomically) and return the manifest.
 
-    ``model`` is cast in place to ``precision`` with openpi's dtype policy.
+    ``model`` is cast in place to ``precision`` with openpi's dtype policy; ``keep_fp32`` module globs
+    stay fp32 too (:func:`pi05_export.model.pi05.apply_dtype_policy`; recorded as ``extra.keep_fp32``,
+    which ``inspect`` reads as declared fp32 islands). ConfigError for a glob that matches no module.
     ``progress(component, index, total)`` is called before each component.
     """
     from pi05_export.model.pi05 import apply_dtype_policy
 
     check_export_options(precision, opset)
     selected = parse_components(components)
-    apply_dtype_policy(model, PRECISIONS[precision])
+    apply_dtype_policy(model, PRECISIONS[precision], keep_fp32)
     compute_dtype = graph_dtype(precision)
     manifest = Manifest(
         stage="onnx",
@@ -181,6 +196,7 @@ def export_onnx(
         source=source,
         precision=precision,
         opset=opset,
+        extra={"keep_fp32": list(keep_fp32)} if keep_fp32 else {},
     )
     downstream = _downstream_entries(Path(out_dir))
     if downstream:

@@ -47,12 +47,13 @@ from pi05_export.artifacts import (
     writing,
 )
 from pi05_export.components import Component, component_specs, example_inputs
-from pi05_export.dtypes import graph_dtype
+from pi05_export.dtypes import graph_dtype, torch_dtype
 from pi05_export.errors import ArtifactError, ConfigError, RecipeError
 from pi05_export.export import (
     DEFAULT_OPSET,
     ONNX_SUBDIR,
     _quiet_exporter,
+    check_graph_io,
     component_entry,
     dynamic_shapes,
     export_component,
@@ -96,8 +97,8 @@ def _register_ops() -> None:
         return (q.float() * scale).to(x.dtype)
 
     @torch.library.custom_op(f"{DOMAIN}::fp8_dequantize", mutates_args=())
-    def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return w.float() * scale
+    def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # DequantizeLinear: y has the scale's type
+        return (w.float() * scale.float()).to(scale.dtype)
 
     @torch.library.custom_op(f"{DOMAIN}::nvfp4_qdq", mutates_args=())
     def nvfp4_qdq(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,7 @@ def _register_ops() -> None:
         return nvfp4.dequantize_weight(packed, scale, gs)
 
     fp8_qdq.register_fake(lambda x, scale: torch.empty_like(x))
-    fp8_dequantize.register_fake(lambda w, scale: torch.empty(w.shape, dtype=torch.float32, device=w.device))
+    fp8_dequantize.register_fake(lambda w, scale: torch.empty(w.shape, dtype=scale.dtype, device=w.device))
     nvfp4_qdq.register_fake(lambda x, amax: torch.empty_like(x))
     nvfp4_dequantize.register_fake(
         lambda p, s, g: torch.empty((*p.shape[:-1], p.shape[-1] * 2), dtype=torch.float32, device=p.device))
@@ -151,9 +152,15 @@ def _translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
 
 
 class QdqLinear(nn.Module):
-    """A calibrated quantized Linear in its deployable form: low-precision weight buffers + activation scale."""
+    """A calibrated quantized Linear in its deployable form: low-precision weight buffers + activation scale.
 
-    def __init__(self, linear: Any, fmt: str) -> None:
+    ``dtype`` is the layer's high-precision type (the typed graph's fp16/bf16, or fp32 on the keep-list):
+    its input and output, and the FP8 scales (so each ``DequantizeLinear`` yields ``dtype`` and feeds a
+    ``dtype`` x ``dtype`` MatMul). The NVFP4 weight and activation dequantize in fp32 (fp32 global
+    scale) and are cast to ``dtype`` before the MatMul, ModelOpt's NVFP4 ONNX layout.
+    """
+
+    def __init__(self, linear: Any, fmt: str, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         _register_ops()
         self.fmt = fmt
@@ -162,10 +169,10 @@ class QdqLinear(nn.Module):
         w_amax = _amax(linear.weight_quantizer, w)
         x_amax = _amax(linear.input_quantizer, None)
         if fmt == "fp8":
-            scale = _safe(w_amax) / FP8_MAX
-            self.register_buffer("weight_fp8", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+            scale = fp8_scale(w_amax, dtype)
+            self.register_buffer("weight_fp8", (w / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
             self.register_buffer("weight_scale", scale)
-            self.register_buffer("input_scale", _safe(x_amax) / FP8_MAX)
+            self.register_buffer("input_scale", fp8_scale(x_amax, dtype))
         else:
             packed, s8, gs = nvfp4.quantize_weight(w, w_amax)
             self.register_buffer("weight_fp4", packed)
@@ -173,8 +180,8 @@ class QdqLinear(nn.Module):
             self.register_buffer("weight_global_scale", gs.reshape(()))
             self.register_buffer("input_amax", x_amax.float().reshape(()))
         # The model reads ``<linear>.weight.dtype`` to pick its compute dtype; keep that answerable.
-        self.register_buffer("weight", torch.empty(0, dtype=linear.weight.dtype), persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = getattr(torch.ops, DOMAIN)
@@ -196,6 +203,17 @@ def _amax(quantizer: Any, fallback: torch.Tensor | None) -> torch.Tensor:
 
 def _safe(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 1.0 / (1 << 24), amax, torch.ones_like(amax))
+
+
+def fp8_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The per-tensor FP8 scale ``amax / 448`` as a ``dtype`` scalar (the Q/DQ high-precision type):
+    rounded up to the next ``dtype`` value, so values within amax never saturate, and at least ``dtype``'s
+    smallest normal. Weights are quantized with this rounded scale, so they dequantize exactly to it."""
+    exact = _safe(amax) / FP8_MAX
+    scale = exact.to(dtype)
+    if scale.float() < exact:
+        scale = torch.nextafter(scale, torch.tensor(float("inf"), dtype=dtype))
+    return scale.clamp(min=torch.finfo(dtype).tiny)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,15 +289,20 @@ def uncalibrated_layers(model: Any, resolved: ResolvedRecipe) -> list[str]:
             if f in QUANT_FORMATS and getattr(getattr(modules[n], "input_quantizer", None), "amax", None) is None]
 
 
-def lower_quantized(model: Any, resolved: ResolvedRecipe) -> int:
-    """Replace every quantized ModelOpt Linear by its deployable :class:`QdqLinear` (in place)."""
+def lower_quantized(model: Any, resolved: ResolvedRecipe, dtype: torch.dtype = torch.float32,
+                    keep_fp32: Sequence[str] = ()) -> int:
+    """Replace every quantized ModelOpt Linear by its deployable :class:`QdqLinear` (in place), typed
+    ``dtype`` under the same policy as every other layer (:func:`pi05_export.model.pi05.policy_dtype`)."""
+    from pi05_export.model.pi05 import policy_dtype
+
     n = 0
     for name, fmt in resolved.formats.items():
         if fmt not in QUANT_FORMATS:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QdqLinear(getattr(parent, child), fmt).to(next(model.parameters()).device))
+        typed = policy_dtype(f"{name}.weight", dtype, keep_fp32)
+        setattr(parent, child, QdqLinear(getattr(parent, child), fmt, typed).to(next(model.parameters()).device))
         n += 1
     return n
 
@@ -287,15 +310,16 @@ def lower_quantized(model: Any, resolved: ResolvedRecipe) -> int:
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
-def export_quantized_component(model: Any, component: Component, path: Path, *, opset: int) -> dict[str, Any]:
-    """Dynamo export with the custom translation table; Q/DQ nodes are never constant-folded."""
+def export_quantized_component(model: Any, component: Component, path: Path, *, compute_dtype: str, opset: int) -> dict[str, Any]:
+    """Dynamo export with the custom translation table; Q/DQ nodes are never constant-folded.
+    ``compute_dtype``: the typed graph's activation dtype (``model`` already cast to it by the policy)."""
     import onnx
     import onnxscript.optimizer
 
     _register_ops()
     cfg = model.config
-    spec = component_specs(cfg, "float32")[component]
-    wrapper = spec.wrap(model).eval()
+    spec = component_specs(cfg, compute_dtype)[component]
+    wrapper = spec.graph_module(model)
     example = example_inputs(spec, cfg, batch=2)
     args = tuple(example[t.name] for t in spec.inputs)
     start = time.perf_counter()
@@ -315,6 +339,7 @@ def export_quantized_component(model: Any, component: Component, path: Path, *, 
     fp4 = _finalize_fp4(path)
     seconds = time.perf_counter() - start
     onnx.checker.check_model(str(path)) if not fp4 else None  # trt:: ops have no schema in onnx
+    check_graph_io(onnx.load(str(path), load_external_data=False), spec)
     entry = {**component_entry(path, spec, seconds), "opset": opset}
     if fp4:
         emulated = runnable_onnx(path)
@@ -334,6 +359,7 @@ def _finalize_fp4(path: Path) -> bool:
         return False
     inits = {i.name: i for i in g.initializer}
     consts = _constant_values(model, path)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
     nodes = []
     for n in g.node:
         if n.domain != DOMAIN:
@@ -355,10 +381,20 @@ def _finalize_fp4(path: Path) -> bool:
                                           name=f"{tag}_fp4q", domain="trt", axis=-1, block_size=nvfp4.BLOCK,
                                           scale_type=FLOAT8E4M3FN))
             nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_s8", f"{tag}_gs"], [f"{tag}_scale"], name=f"{tag}_dq_scale"))
-            nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_x4", f"{tag}_scale"], [tag], name=f"{tag}_dq",
+            # the block DQ yields fp32 (its scale's type); a typed graph casts it back to x's fp16/bf16, as
+            # ModelOpt's NVFP4 exporter does before the MatMul
+            typed = types.get(tag, TensorProto.FLOAT) not in (TensorProto.FLOAT, TensorProto.UNDEFINED)
+            dq_out = f"{tag}_f32" if typed else tag
+            nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_x4", f"{tag}_scale"], [dq_out], name=f"{tag}_dq",
                                           axis=-1, block_size=nvfp4.BLOCK))
+            if typed:
+                nodes.append(helper.make_node("Cast", [dq_out], [tag], name=f"{tag}_cast", to=types[tag]))
     del g.node[:]
     g.node.extend(nodes)
+    retyped = {i.name for i in g.initializer if i.data_type == FLOAT4E2M1}  # their uint8 value_info is stale
+    kept_info = [v for v in g.value_info if v.name not in retyped]
+    del g.value_info[:]
+    g.value_info.extend(kept_info)
     _set_opsets(model, {DOMAIN: None, "trt": 1})
     with writing(path):
         onnx.save(model, str(path))
@@ -467,8 +503,9 @@ def _emulation_nodes(tag: str, x: str, gs: str, y: str, inits: list[Any]) -> lis
     inits.append(helper.make_tensor(zp, TensorProto.FLOAT8E4M3FN, [], [0.0]))
     mk = helper.make_node
     return [
+        mk("Cast", [x], [t("x32")], to=TensorProto.FLOAT),  # the math in fp32, whatever x's type (as TensorRT's kernel)
         mk("Shape", [x], [t("shape")]),
-        mk("Reshape", [x, c("blk", [-1, nvfp4.BLOCK], np.int64)], [t("xb")]),
+        mk("Reshape", [t("x32"), c("blk", [-1, nvfp4.BLOCK], np.int64)], [t("xb")]),
         mk("Abs", [t("xb")], [t("ab")]),
         mk("ReduceMax", [t("ab"), c("ax", [1], np.int64)], [t("bmax")], keepdims=1),
         mk("Mul", [gs, c("six", nvfp4.E2M1_MAX)], [t("gs6")]),
@@ -552,9 +589,17 @@ def quantize_model(
     allow_unmatched: bool = False,
     accuracy_samples: int = 2,
     device: str | None = None,
+    precision: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> QuantizeReport:
     """Quantize ``model`` with ``recipe``, calibrate, export into ``out/<recipe.name>/`` (atomically).
+
+    The graphs are typed in the recipe's ``base`` precision (``precision`` overrides it; the shipped FP8
+    and NVFP4 recipes say bf16): calibration runs on the fp32 model, then the calibrated model is cast with
+    the same dtype policy as ``pi05-export onnx --precision`` (:func:`pi05_export.model.pi05.apply_dtype_policy`:
+    fp32 islands for norm statistics, softmax, RoPE, the time embedding, the four action/time projections,
+    the Euler-facing outputs, plus the recipe's ``format: fp32`` layers) and exported, so every Q/DQ pair's
+    high-precision side and every unquantized MatMul is fp16/bf16. ``manifest.precision`` records the base.
 
     ``out`` is normally a ``pi05-export onnx`` output directory (its manifest is recorded as input
     and must describe the same config); any other directory is created. ``model`` is modified in place.
@@ -574,18 +619,17 @@ def quantize_model(
                                 hint="pass the checkpoint/preset that `pi05-export onnx` exported, or another --out")
         inputs = {"manifest": str(upstream), "sha256": sha256_file(upstream), "stage": up.stage}
     selected = parse_components(components)
+    base_from = "recipe" if precision is None or precision == recipe.base else "--precision"
+    recipe = recipe.with_base(precision) if precision is not None else recipe
     resolved = resolve_recipe(recipe, model, allow_unmatched=allow_unmatched)
     quantized = bool(resolved.layers("fp8") or resolved.layers("fp4"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.base]
-    apply_dtype_policy(model, dtype)
+    dtype, keep = torch_dtype(recipe.base), resolved.keep_fp32()
     seconds: dict[str, float] = {}
     rss: dict[str, float] = {"load": peak_rss_gib()}  # cumulative peak RSS (GiB) after each stage
     coverage = resolved.coverage()
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"base_from": base_from, **({"keep_fp32": keep} if keep else {})}
     if quantized:
-        if recipe.base != "fp32":
-            raise ConfigError(f"recipe {recipe.name}: quantized recipes with base {recipe.base} are not supported yet",
-                              hint="use base: fp32 (the Q/DQ graphs carry the precision)")
+        apply_dtype_policy(model, torch.float32)  # calibrate in fp32; the typed cast comes after lowering
         if not calibration:
             raise ConfigError("quantized recipes need calibration samples", hint="pass --calibration DIR or leave it out for the built-in set")
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -607,9 +651,10 @@ def quantize_model(
         extra["uncalibrated_layers"] = uncalibrated_layers(model, resolved)
         log.info("calibrated on %d sample(s) x %s steps in %.1fs", len(calibration), steps or model.config.num_steps, seconds["calibrate"])
         start = time.perf_counter()
-        lower_quantized(model, resolved)
+        lower_quantized(model, resolved, dtype, keep)
         gc.collect()
         seconds["lower"] = round(time.perf_counter() - start, 2)
+    apply_dtype_policy(model, dtype, keep)  # the typed export's policy and islands, quantized or not
     formats = resolved.quant_formats()
     opset = FP4_OPSET if "nvfp4" in formats else DEFAULT_OPSET
     compute = graph_dtype(recipe.base)
@@ -634,7 +679,7 @@ def quantize_model(
             start = time.perf_counter()
             path = tmp / ONNX_SUBDIR / f"{comp.value}.onnx"
             if quantized:
-                entry = export_quantized_component(model, comp, path, opset=opset)
+                entry = export_quantized_component(model, comp, path, compute_dtype=compute, opset=opset)
             else:
                 entry = export_component(model, comp, path, compute_dtype=compute, opset=opset)
             manifest.components[comp.value] = entry

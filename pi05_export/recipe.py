@@ -4,7 +4,8 @@ A recipe is an ordered list of rules; later rules win (like ModelOpt's ``quant_c
 
     name: mixed_fp4_fp8
     description: one line shown by `pi05-export recipes`
-    base: fp32            # dtype of everything not quantized (fp32 | fp16 | bf16)
+    base: bf16            # the graphs' type: everything not quantized, and the high-precision side of
+                          # every Q/DQ (fp32 | fp16 | bf16; default bf16 when a rule quantizes, else fp32)
     rules:
       - component: llm    # vision | llm | expert | projections | denoise (= expert + projections) | all
         match: "*.mlp.*"  # fnmatch glob over Pi05Model.named_modules() names (openpi key paths)
@@ -14,9 +15,9 @@ A recipe is an ordered list of rules; later rules win (like ModelOpt's ``quant_c
 A rule applies to every ``nn.Linear`` at or below each module it matches. Quantized formats apply
 to Linear layers only; convolutions, embeddings and norms always stay in high precision. A rule
 that matches no module is an error (a warning with ``allow_unmatched``), and so is an fp4/fp8 rule
-that reaches no Linear layer. ``fp16``/``bf16``/``fp32`` rules state the dtype a layer runs in; it
-must agree with ``base`` and openpi's fp32 keep-list (norms, patch embedding, action/time projections),
-because per-layer dtype mixing beyond that policy is not supported by the export.
+that reaches no Linear layer. ``fp16``/``bf16`` rules state the dtype a layer runs in and must agree
+with ``base`` and openpi's fp32 keep-list (norms, patch embedding, action/time projections); an ``fp32``
+rule keeps its layers fp32 in an fp16/bf16 graph (the overflow guard, like ``onnx --keep-fp32``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ class Recipe:
     def quantizes(self) -> bool:
         return any(r.format in QUANT_FORMATS for r in self.rules)
 
+    def with_base(self, base: str) -> Recipe:
+        """This recipe typed in another base precision (``quantize --precision``)."""
+        from dataclasses import replace
+
+        from pi05_export.dtypes import precision_name
+
+        return replace(self, base=precision_name(base))
+
 
 @dataclass
 class ResolvedRecipe:
@@ -106,6 +115,14 @@ class ResolvedRecipe:
 
     def quant_formats(self) -> list[str]:
         return sorted({FORMAT_LABEL[f] for f in self.formats.values() if f in QUANT_FORMATS})
+
+    def keep_fp32(self) -> list[str]:
+        """Layers an ``fp32`` rule keeps fp32 in an fp16/bf16 graph, beyond openpi's keep-list (module names)."""
+        from pi05_export.model.pi05 import keeps_fp32
+
+        if self.recipe.base == "fp32":
+            return []
+        return [n for n, f in self.formats.items() if f == "fp32" and not keeps_fp32(f"{n}.weight")]
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.recipe.to_dict(), "unmatched_rules": self.unmatched}
@@ -145,7 +162,9 @@ def parse_recipe(data: Any, *, source: str = "<dict>", sha256: str = "", default
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise RecipeError(f"recipe {source}: unknown key(s) {', '.join(sorted(unknown))}", hint=f"valid keys: {', '.join(sorted(_TOP_KEYS))}")
-    base = data.get("base", "fp32")
+    rules_given = data.get("rules") if isinstance(data.get("rules"), list) else []
+    quantizes = any(isinstance(r, dict) and r.get("format") in QUANT_FORMATS for r in rules_given)
+    base = data.get("base", "bf16" if quantizes else "fp32")
     if base not in BASES:
         raise RecipeError(f"recipe {source}: base {base!r} is not one of {', '.join(BASES)}", hint="set base: fp32|fp16|bf16")
     rules_raw = data.get("rules")
@@ -236,11 +255,11 @@ def resolve_recipe(recipe: Recipe, model: Any, *, allow_unmatched: bool = False)
         runs_in = "fp32" if kept else recipe.base
         if fmt == "none":
             formats[n] = runs_in
-        elif fmt in ("fp16", "bf16", "fp32") and fmt != runs_in:
+        elif fmt in ("fp16", "bf16") and fmt != runs_in:
             raise RecipeError(
                 f"recipe {recipe.name}: {n} is asked to run in {fmt} but runs in {runs_in} (base {recipe.base}"
                 f"{', fp32 keep-list' if kept and recipe.base != 'fp32' else ''})",
-                hint="per-layer dtype mixing is not supported; change 'base' or the rule's format",
+                hint="layers run in the base precision or fp32 (an fp32 rule keeps a layer fp32); change 'base' or the rule's format",
             )
         elif fmt == "fp4" and linears[n].in_features % NVFP4_BLOCK:
             raise RecipeError(

@@ -36,6 +36,8 @@ from pi05_export.tolerances import Status, thresholds_for, worst
 log = logging.getLogger(__name__)
 REPORTS = "reports"
 DENOISE_STEPS_SAMPLED = 3  # component checks use the first, middle and last Euler step's inputs
+FP16_MAX = 65504.0  # the largest finite IEEE 754 binary16 value: beyond it fp16 holds inf
+ACTIVATION_ROWS = 8  # the report lists the largest activations, plus every one past FP16_MAX
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)
     component_gate: dict[str, Any] = field(default_factory=dict)
     steps_table: list[dict[str, float]] = field(default_factory=list)
+    activations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def graphs(self) -> str:
@@ -132,6 +135,63 @@ def record_component_inputs(reference: Pipeline, obs: Observation, steps: int, s
     return feeds
 
 
+@contextlib.contextmanager
+def activation_peaks(model: Any) -> Any:
+    """Collect, while the block runs, the largest |value| each layer of ``model`` reads or writes (a
+    forward hook on every module: inputs and outputs, floating tensors), keyed by its ``named_modules()``
+    name in the order the layers first ran. Norm layers' inputs are the residual stream."""
+    import torch
+
+    peaks: dict[str, float] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: Any, args: tuple[Any, ...], out: Any) -> None:
+            values = [t for t in (*args, *(out if isinstance(out, tuple) else (out,)))
+                      if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+            if values:
+                peak = max(float(t.detach().abs().amax()) for t in values)
+                peaks[name] = max(peaks.get(name, 0.0), peak)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        yield peaks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def activation_rows(peaks: dict[str, float], rows: int = ACTIVATION_ROWS) -> list[dict[str, Any]]:
+    """The report's activation table: the ``rows`` largest peaks and every one past :data:`FP16_MAX`
+    (``max_abs``; ``vs_fp16`` = max_abs / 65504; ``order``: when the layer first ran, so the smallest
+    ``order`` past 1.0 is where fp16 overflows first)."""
+    order = {name: i for i, name in enumerate(peaks)}
+    ranked = sorted(peaks, key=lambda n: -peaks[n])
+    keep = [n for n in ranked if n in ranked[:rows] or peaks[n] > FP16_MAX]
+    return [{"layer": n, "max_abs": peaks[n], "vs_fp16": peaks[n] / FP16_MAX, "order": order[n]} for n in keep]
+
+
+def measure_activations(model: Any, obs: Observation, *, steps: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`activation_rows` of one fp32 reference sampling run (``steps`` Euler steps, default the
+    config's) on ``obs``: the per-layer magnitudes ``inspect --inputs`` prints."""
+    cfg = model.config
+    with activation_peaks(model) as peaks:
+        pipeline_for_model(model).sample_actions(obs.with_noise(cfg, seed), steps=steps or cfg.num_steps, seed=seed)
+    return activation_rows(peaks)
+
+
+def fp16_overflow_advice(rows: list[dict[str, Any]]) -> str | None:
+    """One line naming the first layer whose activations pass 65504 and the two fixes, or None."""
+    over = sorted((r for r in rows if r["max_abs"] > FP16_MAX), key=lambda r: r["order"])
+    if not over:
+        return None
+    first = over[0]["layer"]
+    return (f"in fp32 PyTorch on these inputs, {len(over)} layer(s) read or write values past fp16's 65504, first {first} "
+            f"({over[0]['max_abs']:.3g}): fp16 graphs overflow there unless it stays fp32 (`onnx --precision fp16 --keep-fp32 "
+            f"'{first}'`, or a recipe rule `format: fp32`); bf16 has fp32's range")
+
+
 def _judge(name: str, gate: Any, actual: np.ndarray, ref: np.ndarray) -> Check:
     m = compare(actual, ref)
     if actual.dtype == np.bool_ or np.issubdtype(actual.dtype, np.integer):
@@ -196,7 +256,9 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
         stack.callback(target.close)
         comps = [c for c in Component if c in target.specs]  # what this backend has (engines: what was built)
         total = len(comps) + len(steps)
-        feeds = record_component_inputs(reference, obs, max(steps), seed)
+        with activation_peaks(model) as peaks:
+            feeds = record_component_inputs(reference, obs, max(steps), seed)
+        report.activations = activation_rows(peaks)
         for i, comp in enumerate(comps):
             if progress:
                 progress(comp.value, i, total)
@@ -235,6 +297,10 @@ def _validate(artifacts: str | Path, *, backend: str, model: Any, steps: Sequenc
                 actions[BASELINE_STEPS] = (target.sample_actions(obs, steps=BASELINE_STEPS, seed=seed).actions,
                                            reference.sample_actions(obs, steps=BASELINE_STEPS, seed=seed).actions)
             report.steps_table = steps_table(actions)
+        advice = fp16_overflow_advice(report.activations)
+        if advice is not None and (manifest.precision != "fp16" or report.status == "FAIL"):  # not for guarded fp16 that passes
+            report.notes.append(advice)
+            log.warning(advice)
         if progress:
             progress("report", total, total)
         if write_report:
@@ -281,6 +347,12 @@ def render_markdown(report: Report) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {r['steps']} | {r['mse_vs_own']:.3e} | {r['max_abs_vs_own']:.3e} | {r['mse_vs_reference']:.3e} | "
                   f"{r['max_abs_vs_reference']:.3e} |" for r in report.steps_table]
+    if report.activations:
+        lines += ["", f"Largest activations vs fp16's largest value ({FP16_MAX:.0f}): |value| a layer reads or writes in the fp32 "
+                  "PyTorch reference on these inputs (norm inputs are the residual stream):", "",
+                  "| layer | max abs | / 65504 |", "|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['max_abs']:.3g} | {r['vs_fp16']:.3g}{' **overflows fp16**' if r['max_abs'] > FP16_MAX else ''} |"
+                  for r in report.activations]
     lines += [f"\nNote: {n}" for n in report.notes]
     lines += ["", "Per-step velocity drift (artifact loop vs reference loop, same noise):", ""]
     for n, rows in report.drift.items():

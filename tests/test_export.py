@@ -84,6 +84,7 @@ def test_typed_graphs_keep_fp32_islands(tiny_export, precision):
         assert not r["problems"], (name, r["problems"])  # no inf/NaN constants, no TRT>10.13-only ops
         assert "Attention" not in r["ops"] and "RMSNormalization" not in r["ops"]
         assert r["io"]["outputs"].get("v_t", "float32") == "float32"  # Euler-facing outputs stay fp32
+        assert r["typed"] == (precision != "fp32") and all(m["island"] for m in r["fp32_matmuls"] if r["typed"])
     big = reports["denoise"]["matmul_input_dtypes"]
     assert big.get(f"{low}x{low}", 0) >= 2 * 2 * 4, big  # q/k/v/o + mlp per expert layer in low precision
     assert reports["projections"]["matmul_input_dtypes"] == {"float32xfloat32": 4}  # action/time projections fp32
@@ -107,6 +108,30 @@ def test_cli_export_and_errors(tmp_path, capsys):
     blocker.write_text("x")
     assert run(["onnx", "--preset", "tiny", "--random-init", "--out", str(blocker / "sub"), "--components", "projections"]) == 2
     assert "cannot create output directory" in capsys.readouterr().err
+
+
+def test_keep_fp32_glob_must_match_a_layer(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(["onnx", "--preset", "tiny", "--random-init", "--precision", "fp16", "--out", str(out), "--components",
+                "projections", "--keep-fp32", "*.layers.9.mlp"]) == 2
+    err = capsys.readouterr().err
+    assert "--keep-fp32 '*.layers.9.mlp' matches no module" in err and "named_modules" in err and not out.exists()
+
+
+def test_inspect_flags_fp32_matmuls_outside_the_islands(tiny_export, tmp_path, capsys):
+    """Graphs that say bf16 but compute fp32 (what TensorRT strong typing would run slowly): exit 1, layer named."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export("fp32"), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["precision"] = "bf16"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run(["inspect", str(out)]) == 1
+    text = capsys.readouterr().out.replace("\n", "")
+    assert "language_model.layers.0.self_attn.q_proj) runs in float32 in a typed graph, outside the fp32 islands" in text
+    assert "action_in_proj" not in text.split("problem:")[1]  # the projections are a declared island
+    assert run(["inspect", str(tiny_export("bf16"))]) == 0
 
 
 def test_failed_export_leaves_nothing_and_keeps_old(tmp_path, monkeypatch, tiny_export):

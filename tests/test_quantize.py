@@ -2,7 +2,7 @@
 
 The action-cosine targets (fp8 >= 0.999, mixed_fp4_fp8 >= 0.995 vs fp32 at 10 steps) are checked
 twice: for the fake-quantized PyTorch model (recorded by ``quantize_model``) and for the exported
-graphs chained on ONNX Runtime (vision -> llm -> 10 x denoise).
+bf16-typed graphs chained on ONNX Runtime (vision -> llm -> 10 x denoise, true-bf16 emulation).
 """
 
 from __future__ import annotations
@@ -89,34 +89,50 @@ def test_fake_quant_action_cosine(quantized):
 
 
 def test_onnx_runtime_sampling_loop_action_cosine(quantized, calib):
-    import onnxruntime as ort
+    """The runtime ``validate`` uses: FP4 graphs through their emulation copy, bf16 rounded like an engine."""
+    from pi05_export.runtime import open_pipeline
 
     name, report = quantized
     obs, _ = calib
     model = random_model("tiny", 0)
-    cfg = model.config
-
-    def session(comp: str) -> ort.InferenceSession:
+    for comp in COMPONENTS.split(","):
         path = runnable_onnx(report.out_dir / "onnx" / f"{comp}.onnx")
         assert path.name.endswith(".emulated.onnx") == (name == "mixed_fp4_fp8" and comp != "vision")
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    vision, llm, denoise = session("vision"), session("llm"), session("denoise")
+    pipe = open_pipeline("onnxruntime", report.out_dir)
+    assert pipe.backend.emulate == "bf16"  # type: ignore[attr-defined]
     cosines, max_abs = [], []
     for o in obs[:CALIB_SAMPLES]:
         t = o.torch()
         ref = model.sample_actions(t["images"], t["image_mask"], t["tokens"], t["token_mask"], noise=t["noise"], num_steps=STEPS).numpy()
-        b, v = o.images.shape[:2]
-        emb = vision.run(None, {"pixel_values": o.images.reshape(b * v, *o.images.shape[2:])})[0]
-        kv, pm = llm.run(None, {"image_embeds": emb.reshape(b, v * cfg.vision.num_patches, -1), "image_mask": o.image_mask,
-                                "tokens": o.tokens, "token_mask": o.token_mask})
-        x, dt, tt = o.noise.copy(), np.float32(-1.0 / STEPS), np.float32(1.0)
-        for _ in range(STEPS):
-            x = x + dt * denoise.run(None, {"x_t": x, "t": np.full((b,), tt, np.float32), "kv_cache": kv, "prefix_mask": pm})[0]
-            tt = tt + dt
+        x = pipe.sample_actions(o, steps=STEPS).actions
         cosines.append(_cos(ref, x))
         max_abs.append(float(np.abs(ref - x).max()))
     assert min(cosines) >= MIN_ACTION_COSINE[name], f"{name}: ORT action cosine {cosines}, max abs {max_abs}"
+
+
+def test_graphs_are_typed_bf16_with_the_export_islands(quantized, tiny_export):
+    """Q/DQ high-precision side bf16, every MatMul/Gemm bf16 x bf16 except the typed export's fp32 islands,
+    the NVFP4 quantizer fed bf16; FP8 graphs have exactly the fp32 ops of `onnx --precision bf16`."""
+    import onnx
+
+    from pi05_export.lint import lint_graphs
+
+    name, report = quantized
+    assert report.manifest.precision == "bf16" and report.manifest.recipe["base"] == "bf16"
+    reports, typed_export = lint_graphs(report.out_dir), lint_graphs(tiny_export("bf16"))
+    for comp, r in reports.items():
+        assert not r["problems"], (comp, r["problems"])
+        assert r["matmul_input_dtypes"] == typed_export[comp]["matmul_input_dtypes"], comp
+        assert all(m["island"] for m in r["fp32_matmuls"]), comp
+        if name == "fp8":  # NVFP4 adds fp32 dequantized scales/blocks, cast to bf16 before the MatMul (ModelOpt's layout)
+            assert r["op_output_dtypes"]["float32"] == typed_export[comp]["op_output_dtypes"]["float32"], comp
+    assert reports["llm"]["matmul_input_dtypes"] == {"bfloat16xbfloat16": 11}  # 2 layers x 7 minus the last o_proj/MLP + 2 attention
+    assert {m["module"] for m in reports["denoise"]["fp32_matmuls"]} >= {"action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"}
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(report.out_dir / "onnx" / "llm.onnx"), load_external_data=False)).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    quantizers = [n for n in graph.node if n.op_type in ("QuantizeLinear", "TRT_FP4DynamicQuantize")]
+    assert quantizers and {types[n.input[0]] for n in quantizers} == {onnx.TensorProto.BFLOAT16}
+    assert ("TRT_FP4DynamicQuantize" in {n.op_type for n in quantizers}) == (name == "mixed_fp4_fp8")
 
 
 def test_coverage_check_catches_modelopt_default_exclusions(calib):

@@ -58,7 +58,7 @@ def test_later_rules_win_and_denoise_means_expert_plus_projections(tiny_model):
     f = resolve_recipe(r, tiny_model).formats
     assert f["paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.up_proj"] == "fp4"
     assert f["paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.gate_proj"] == "fp8"
-    assert f["paligemma_with_expert.gemma_expert.model.layers.0.mlp.up_proj"] == "fp32"
+    assert f["paligemma_with_expert.gemma_expert.model.layers.0.mlp.up_proj"] == "bf16"  # unquantized: base bf16
     assert f["action_out_proj"] == "fp32"
 
 
@@ -96,6 +96,17 @@ def test_dtype_rule_contradicting_base_is_an_error(tiny_model):
     r = parse_recipe({"base": "fp16", "rules": [{"match": "*", "format": "fp16"}]})  # projections are kept fp32
     with pytest.raises(RecipeError, match="runs in fp32"):
         resolve_recipe(r, tiny_model)
+
+
+def test_fp32_rule_keeps_a_layer_in_a_typed_graph_and_quantized_recipes_default_to_bf16(tiny_model):
+    layer = "paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.down_proj"
+    r = parse_recipe({"base": "fp16", "rules": [{"match": "*", "format": "none"}, {"match": layer, "format": "fp32"}]})
+    assert resolve_recipe(r, tiny_model).keep_fp32() == [layer]  # the overflow guard; the keep-list is not repeated
+    assert parse_recipe({"rules": [{"match": "*.mlp", "format": "fp8"}]}).base == "bf16"
+    assert parse_recipe({"rules": [{"match": "*", "format": "none"}]}).base == "fp32"
+    assert {n: load_recipe(n).base for n in ("fp8", "mixed_fp4_fp8", "fp8_nvfp4_llm")} == dict.fromkeys(
+        ("fp8", "mixed_fp4_fp8", "fp8_nvfp4_llm"), "bf16")
+    assert load_recipe("fp8").with_base("float16").base == "fp16"
 
 
 @pytest.mark.parametrize("data, message", [

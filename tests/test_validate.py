@@ -138,22 +138,42 @@ def test_partial_export_validates_components_and_skips_end_to_end(tiny_model, tm
     assert not any(c.name.startswith("actions") for c in report.checks) and "end to end skipped" in report.notes[0]
 
 
-def test_fp16_overflow_fails_and_names_the_layer(tmp_path):
+def test_fp16_overflow_fails_and_names_the_layer(tmp_path, capsys):
     """A checkpoint whose residual stream passes 65504 (layer-0 down_proj x 3e4, the known trained-Gemma
-    problem): fp16 graphs FAIL on the CPU's true-fp16 emulation, naming the layer; bf16 graphs PASS."""
+    problem): fp16 graphs FAIL on the CPU's true-fp16 emulation, naming the layer and the --keep-fp32 fix;
+    bf16 graphs PASS, and so do fp16 graphs with that layer kept fp32 (the guard)."""
     from pi05_export.checkpoint import random_model, save_checkpoint
     from pi05_export.cli import run
 
     model = random_model("tiny", seed=0)
-    name = "paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.down_proj.weight"
-    dict(model.named_parameters())[name].data *= 3e4
+    layer = "paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.down_proj"
+    dict(model.named_parameters())[f"{layer}.weight"].data *= 3e4
     save_checkpoint(model, tmp_path / "ckpt")
     verdicts = {}
-    for precision in ("fp16", "bf16"):
-        out = tmp_path / precision
+    for name, precision, guard in (("fp16", "fp16", []), ("bf16", "bf16", []), ("guarded", "fp16", ["--keep-fp32", layer])):
+        out = tmp_path / name
         assert run(["onnx", str(tmp_path / "ckpt"), "--precision", precision, "--out", str(out), "--components",
-                    "vision,llm,denoise"]) == 0
-        verdicts[precision] = run(["validate", str(out), "--steps", "3"])
-    assert verdicts == {"fp16": 1, "bf16": 0}
+                    "vision,llm,denoise", *guard]) == 0
+        verdicts[name] = run(["validate", str(out), "--steps", "3"])
+    recipe = tmp_path / "guarded.yaml"  # the same guard as a recipe rule (typed fp16 graphs from `quantize`)
+    recipe.write_text(json.dumps({"name": "fp16_guarded", "base": "fp16", "rules": [
+        {"match": "*", "format": "none"}, {"match": layer, "format": "fp32", "why": "passes 65504"}]}))
+    assert run(["quantize", str(tmp_path / "ckpt"), "--recipe", str(recipe), "--out", str(tmp_path / "q"),
+                "--components", "vision,llm,denoise"]) == 0
+    verdicts["recipe"] = run(["validate", str(tmp_path / "q" / "fp16_guarded"), "--steps", "3"])
+    assert verdicts == {"fp16": 1, "bf16": 0, "guarded": 0, "recipe": 0}
+    assert json.loads((tmp_path / "q" / "fp16_guarded" / "manifest.json").read_text())["extra"]["keep_fp32"] == [layer]
     report = (tmp_path / "fp16" / "reports" / "validation.md").read_text()
     assert "layers.0.mlp.down_proj" in report and "65504" in report and "Export bf16" in report
+    assert f"--keep-fp32 '{layer}'" in report  # the guard, spelled out
+    data = json.loads((tmp_path / "guarded" / "reports" / "validation.json").read_text())
+    top = data["activations"][0]  # the activation table: where fp16 would overflow, on the fp32 reference
+    assert top["max_abs"] > 65504 and top["vs_fp16"] > 1 and any(r["layer"] == layer for r in data["activations"])
+    assert not any("keep-fp32" in n for n in data["notes"])  # guarded and passing: no advice
+    capsys.readouterr()
+    assert run(["inspect", str(tmp_path / "guarded")]) == 0  # the kept layer counts as an fp32 island
+    assert "language_model.layers.0.mlp.down_proj), 0 outside" in capsys.readouterr().out.replace("\n", "")
+    save_npz(tmp_path / "obs.npz", random_observation(model.config, 1, seed=5).arrays())
+    assert run(["inspect", str(tmp_path / "bf16"), "--inputs", str(tmp_path / "obs.npz"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["activations"]  # the same table, from inspect
+    assert min(r["order"] for r in rows if r["max_abs"] > 65504) == next(r["order"] for r in rows if r["layer"] == layer)

@@ -34,6 +34,9 @@ def quantize(
     components: Annotated[str | None, typer.Option("--components", help="Comma list: vision,llm,expert,projections,denoise.")] = None,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Warn instead of failing on rules matching nothing.")] = False,
     accuracy_samples: Annotated[int, typer.Option("--accuracy-samples", min=0, help="Samples to re-run fake-quantized for the action cosine.")] = 2,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="Type of the graphs (everything unquantized and the Q/DQ high-precision side): bf16 | fp16 | "
+                            "fp32 (default: the recipe's base; bf16 for the shipped FP8/NVFP4 recipes).")] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     random_init: RandomInitOpt = False,
@@ -46,6 +49,7 @@ def quantize(
     from pi05_export.recipe import load_recipe, resolve_recipe
 
     rec = load_recipe(recipe)  # fail on a bad recipe before loading anything
+    typed = rec.with_base(precision) if precision is not None else rec
     selected = parse_components(components)
     if checkpoint is not None and calibration is None and rec.quantizes:
         raise InputError(
@@ -55,12 +59,12 @@ def quantize(
                  "CALIB (add --photos to use the photo set knowingly)",
         )
     model, source = load_model(checkpoint, preset, config, random_init, seed)
-    resolve_recipe(rec, model, allow_unmatched=allow_unmatched)  # recipe errors before any progress output
+    resolve_recipe(typed, model, allow_unmatched=allow_unmatched)  # recipe errors before any progress output
     obs, info = load_calibration_set(calibration, model.config, samples) if rec.quantizes else ([], {})
     with progress_bar(f"quantize {rec.name}", len(selected)) as progress:
         report = quantize_model(model, rec, out, source=source, calibration=obs, calibration_info=info, steps=steps,
                                 components=[c.value for c in selected], allow_unmatched=allow_unmatched,
-                                accuracy_samples=accuracy_samples, progress=progress)
+                                accuracy_samples=accuracy_samples, precision=precision, progress=progress)
     extra = report.manifest.extra
     for comp, counts in report.coverage.items():
         err_console.print(f"  coverage {comp:<12} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
@@ -69,7 +73,8 @@ def quantize(
     if extra.get("fake_quant_action_cosine"):
         err_console.print(f"  fake-quant action cosine vs unquantized: {extra['fake_quant_action_cosine']}")
     gate = f"needs sm{extra['min_compute_capability'].replace('.', '')}+" if extra["min_compute_capability"] else "any GPU"
-    err_console.print(f"wrote {report.out_dir}/manifest.json ({rec.name}: {', '.join(extra['formats']) or rec.base}; {gate})")
+    err_console.print(f"wrote {report.out_dir}/manifest.json ({rec.name}: {', '.join(extra['formats']) or typed.base} on "
+                      f"{typed.base} graphs; {gate})")
 
 
 @app.command()

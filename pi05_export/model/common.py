@@ -81,6 +81,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     Returns [B, T, Hq*D]. QK^T and PV run in the input dtype, q pre-scaled; mask and softmax in fp32.
     """
     b, hq, t, d = q.shape
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a --keep-fp32 layer's K/V may meet other layers' (no-op otherwise)
     hkv = k.shape[1]
     g = hq // hkv
     qg = q.reshape(b, hkv, g * t, d) * scale  # scale before QK^T (as JAX does): no fp16 overflow of raw logits

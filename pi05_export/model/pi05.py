@@ -6,13 +6,16 @@ Every method takes and returns explicit tensors; the methods are exactly the exp
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pi05_export.config import Pi05Config
+from pi05_export.errors import ConfigError
 from pi05_export.model.common import attend, mask_to_bias, sinusoidal_time_embedding, time_frequencies
 from pi05_export.model.gemma import GemmaModel
 from pi05_export.model.siglip import Projector, VisionTower
@@ -222,19 +225,64 @@ FP32_KEEP = (
 )
 
 
-def keeps_fp32(name: str) -> bool:
-    return any(k in name for k in FP32_KEEP)
+def keeps_fp32(name: str, keep: Sequence[str] = ()) -> bool:
+    """Whether parameter or module ``name`` stays fp32 under the dtype policy: openpi's keep-list
+    (:data:`FP32_KEEP`), or at/below a module whose ``Pi05Model.named_modules()`` name matches one of the
+    ``keep`` globs (``fnmatch``; the ``--keep-fp32`` / recipe ``format: fp32`` guards)."""
+    if any(k in name for k in FP32_KEEP):
+        return True
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, glob) for glob in keep for p in prefixes)
 
 
-def policy_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype parameter ``name`` gets when the model is cast to ``dtype`` under openpi's policy."""
-    return torch.float32 if dtype == torch.float32 or keeps_fp32(name) else dtype
+def policy_dtype(name: str, dtype: torch.dtype, keep: Sequence[str] = ()) -> torch.dtype:
+    """The dtype parameter ``name`` gets when the model is cast to ``dtype`` under openpi's policy
+    (plus the ``keep`` globs of :func:`keeps_fp32`)."""
+    return torch.float32 if dtype == torch.float32 or keeps_fp32(name, keep) else dtype
 
 
-def apply_dtype_policy(model: Pi05Model, dtype: torch.dtype) -> Pi05Model:
-    """Cast to ``dtype`` (fp16/bf16) except openpi's fp32 keep-list; ``float32`` casts everything to fp32."""
+def check_keep_globs(model: nn.Module, keep: Sequence[str]) -> None:
+    """ConfigError for a ``keep`` glob that matches no module name (a typo would silently keep nothing)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for glob in keep:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise ConfigError(f"--keep-fp32 {glob!r} matches no module",
+                              hint="use Pi05Model.named_modules() names, e.g. '*.language_model.layers.0.mlp.down_proj' "
+                                   "(validate's report names the layers that overflow fp16)")
+
+
+_INPUT_CASTS = "_pi05_input_casts"
+
+
+def apply_dtype_policy(model: Pi05Model, dtype: torch.dtype, keep_fp32: Sequence[str] = ()) -> Pi05Model:
+    """Cast to ``dtype`` (fp16/bf16) except openpi's fp32 keep-list; ``float32`` casts everything to fp32.
+
+    ``keep_fp32``: module globs (:func:`keeps_fp32`) that also stay fp32, e.g. a layer whose fp16
+    output would pass 65504. A kept layer returns fp32, so the residual stream it adds into is fp32
+    from there on (torch type promotion); then every Linear-like layer (``nn.Linear`` and the quantized
+    ``QdqLinear``: anything with ``in_features`` and ``weight``) casts its input to its own weight dtype
+    (a forward pre-hook; a no-op where the dtypes already agree), so layers after it still run in ``dtype``.
+    """
+    check_keep_globs(model, keep_fp32)
     for name, param in model.named_parameters():
-        target = policy_dtype(name, dtype)
+        target = policy_dtype(name, dtype, keep_fp32)
         if param.dtype != target:
             param.data = param.data.to(target)
+    for handle in getattr(model, _INPUT_CASTS, []):
+        handle.remove()
+    handles = []
+    if keep_fp32 and dtype != torch.float32:
+        for _, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if hasattr(module, "in_features") and isinstance(weight, torch.Tensor):
+                handles.append(module.register_forward_pre_hook(_cast_input_to(weight.dtype)))
+    setattr(model, _INPUT_CASTS, handles)
     return model
+
+
+def _cast_input_to(dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0].to(dtype), *args[1:])
+
+    return hook

@@ -6,7 +6,6 @@ is exactly representable, and each backend converts at its boundary using the ma
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -156,18 +155,10 @@ def first_overflow(emulated: Path, feed: dict[str, np.ndarray]) -> str | None:
 
 
 def _module_of(model: Any, output: str) -> str | None:
-    """The PyTorch module that produced ``output`` (the dynamo exporter's ``name_scopes`` metadata),
-    as a ``Pi05Model.named_modules()`` name (the recipe and ``--keep-fp32`` vocabulary)."""
-    for node in model.graph.node:
-        if output in node.output:
-            props = {p.key: p.value for p in node.metadata_props}
-            try:
-                scopes = json.loads(props.get("pkg.torch.onnx.name_scopes", "[]").replace("'", '"'))
-            except ValueError:
-                return None
-            modules = [sc for sc in scopes[:-1] if sc]
-            return modules[-1].removeprefix("model.") if modules else None
-    return None
+    """The ``Pi05Model.named_modules()`` name of the layer that produced ``output`` (see :func:`pi05_export.lint.node_module`)."""
+    from pi05_export.lint import node_module
+
+    return next((node_module(n) for n in model.graph.node if output in n.output), None)
 
 
 class OnnxRuntimeBackend:
