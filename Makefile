@@ -69,7 +69,7 @@ bench-quantize:  ## full-size fp8 quantize: peak RSS + time per component (~11 m
 	$(PY) benchmarks/bench_quantize.py --preset pi05 --recipe fp8 --samples 1 --steps 10
 
 calibration-pi05:  ## regenerate the photo calibration set at 224x224 for the full-size model
-	.venv/bin/pi05-export calibration-build --photos --preset pi05 --out calibration/pi05
+	.venv/bin/pi05-export calibration-build --photos --preset pi05 --out pi05_export/calibration_sets/pi05
 
 nvfp4-parity:  ## ModelOpt CUDA kernels vs the CPU NVFP4 emulation (needs a CUDA GPU + nvidia-modelopt)
 	$(PY) benchmarks/nvfp4_parity.py docs/nvfp4_parity.json

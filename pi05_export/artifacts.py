@@ -11,6 +11,7 @@ opened (:meth:`Manifest.component_path`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,7 @@ from pi05_export.signals import check_interrupted, deferred_signals
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+REPORTS_SUBDIR = "reports"  # OUT/reports/: validation reports about the graphs in OUT
 LOCK_SUFFIX = ".lock"  # <out>.lock: held by the run writing <out>
 SWAP_SUFFIX = ".swap"  # <out>.swap: journal of a commit in progress (see recover_output)
 
@@ -420,11 +422,22 @@ class Manifest:
                 recover_output(out)
         if not path.is_file():
             raise ArtifactError(f"no {MANIFEST_NAME} in {directory}", hint=hint)
+        broken = f"delete {directory} (or pick a new --out) and re-run the stage that wrote it"
         try:
             data = json.loads(path.read_text())
-            manifest = cls(**data)
-        except (ValueError, TypeError) as e:
-            raise ArtifactError(f"{path} is not a valid pi05-export manifest ({e})", hint=hint) from None
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{path} is not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                                hint=broken) from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{path} must hold a JSON object, got {type(data).__name__}", hint=broken)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if missing := sorted(required - set(data)):
+            raise ArtifactError(f"{path} lacks the manifest field(s) {', '.join(missing)}", hint=broken)
+        if unknown := sorted(set(data) - fields):
+            raise ArtifactError(f"{path} has unknown field(s) {', '.join(unknown)} (a newer pi05-export?)", hint=broken)
+        manifest = cls(**data)
         for name, types in _MANIFEST_TYPES.items():  # JSON gives any type: check each field before use
             value = getattr(manifest, name)
             if not isinstance(value, types) or isinstance(value, bool) and int in types:

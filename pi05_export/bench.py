@@ -145,9 +145,16 @@ def _round(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Model and inputs
 # ---------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, backend: str | None = None) -> torch.device:
+    """``device`` as a torch device, checked against this machine and ``backend`` (CUDA-graph backends
+    need CUDA). Raises :class:`ConfigError` / :class:`HardwareError` with the whole fix in the hint."""
     if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}", hint="use --device cuda or --device cpu")
+    graphs = backend is not None and backend.endswith("cudagraph")
+    if graphs and (device == "cpu" or not torch.cuda.is_available()):
+        raise HardwareError(f"backend {backend!r} captures CUDA graphs and needs a CUDA GPU"
+                            + ("" if torch.cuda.is_available() else ", which this machine lacks"),
+                            hint="on the CPU use --device cpu with --backend torch or torch-compile")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HardwareError("CUDA is not available on this machine", hint="pass --device cpu (or run on a GPU machine)")
     return torch.device(device)
@@ -494,14 +501,13 @@ def run_benchmark(
         raise ConfigError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
     if pipelined and backend in RUNTIME_BACKENDS:
         raise ConfigError(f"--pipelined runs the torch backends' two-stream pipeline; backend {backend!r} has none",
-                          hint="use --backend torch-compile-cudagraph (or drop --pipelined)")
+                          hint="drop --pipelined, or use a torch backend (torch / torch-compile; "
+                               "torch-compile-cudagraph on a GPU)")
     if batch < 1 or warmup < 0 or iters < 1:
         raise ConfigError(f"need batch >= 1, warmup >= 0, iters >= 1 (got {batch}, {warmup}, {iters})",
                           hint="fix --batch/--warmup/--iters")
-    dev = resolve_device(device)
+    dev = resolve_device(device, backend)
     cuda = dev.type == "cuda"
-    if backend.endswith("cudagraph") and not cuda:
-        raise HardwareError(f"backend {backend!r} needs a CUDA device", hint="use --backend torch or torch-compile on the CPU")
     if backend in RUNTIME_BACKENDS:
         if artifacts is None:
             raise ConfigError(f"backend {backend!r} runs exported graphs and needs --artifacts OUT",

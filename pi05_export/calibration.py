@@ -27,7 +27,7 @@ from pi05_export.observation import Observation, load_observation, save_npz
 
 log = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "calibration"
+SHIPPED_DIR = Path(__file__).resolve().parent / "calibration_sets"  # package data: in every install
 META_NAME = "calibration.json"
 TOKENIZER_FALLBACK = "byte-fallback-v1: ids = [2 (BOS)] + [3 + utf8 byte], 0 = pad"
 

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from pi05_export.artifacts import MANIFEST_NAME, Manifest, graph_files, sha256_graph, staging_dir, writing
+from pi05_export.artifacts import (
+    MANIFEST_NAME,
+    REPORTS_SUBDIR,
+    Manifest,
+    graph_files,
+    sha256_graph,
+    staging_dir,
+    writing,
+)
 from pi05_export.components import (
     ALL_COMPONENTS,
     BATCH,
@@ -158,12 +166,14 @@ def check_export_options(precision: str, opset: int) -> None:
 
 
 def _downstream_entries(out: Path) -> list[str]:
-    """What later stages wrote into a previous export (recipes, engines, reports): kept, not deleted."""
+    """What later stages wrote into a previous export (quantized sets, engines): kept, not deleted, since
+    they are costly to remake and every reader checks them against the graphs' hashes. Validation reports
+    are not kept: a PASS about graphs that no longer exist would mislead, and `validate` remakes them."""
     try:
         Manifest.read(out, stage="onnx")
     except ArtifactError:  # no previous export here (staging_dir decides whether out may be replaced)
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in (ONNX_SUBDIR, MANIFEST_NAME))
+    return sorted(p.name for p in out.iterdir() if p.name not in (ONNX_SUBDIR, MANIFEST_NAME, REPORTS_SUBDIR))
 
 
 def export_onnx(
@@ -199,6 +209,9 @@ def export_onnx(
         extra={"keep_fp32": list(keep_fp32)} if keep_fp32 else {},
     )
     downstream = _downstream_entries(Path(out_dir))
+    if (Path(out_dir) / REPORTS_SUBDIR).is_dir() and (Path(out_dir) / MANIFEST_NAME).is_file():
+        log.warning("the previous validation reports in %s go with the previous graphs: re-run `pi05-export validate`",
+                    Path(out_dir) / REPORTS_SUBDIR)
     if downstream:
         log.warning("keeping %s from the previous export in %s: they were made from the previous graphs; "
                     "re-run quantize/build/validate (build and the TensorRT runtime refuse engines of other graphs)",

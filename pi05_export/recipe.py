@@ -36,7 +36,7 @@ from pi05_export.errors import RecipeError
 
 log = logging.getLogger(__name__)
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: in every install
 FORMATS = ("fp4", "fp8", "fp16", "bf16", "fp32", "none")
 QUANT_FORMATS = ("fp4", "fp8")
 BASES = ("fp32", "fp16", "bf16")
@@ -158,7 +158,7 @@ def parse_recipe(data: Any, *, source: str = "<dict>", sha256: str = "", default
     if isinstance(data, list):
         data = {"rules": data}
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe {source} must be a mapping with 'rules' (or a list of rules)", hint="see recipes/fp8.yaml")
+        raise RecipeError(f"recipe {source} must be a mapping with 'rules' (or a list of rules)", hint="see pi05_export/recipes/fp8.yaml")
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise RecipeError(f"recipe {source}: unknown key(s) {', '.join(sorted(unknown))}", hint=f"valid keys: {', '.join(sorted(_TOP_KEYS))}")
@@ -186,7 +186,7 @@ def parse_recipe(data: Any, *, source: str = "<dict>", sha256: str = "", default
 def _parse_rule(raw: Any, i: int, source: str) -> Rule:
     where = f"recipe {source} rule {i + 1}"
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where} must be a mapping {{component, match, format, why}}", hint="see recipes/fp8.yaml")
+        raise RecipeError(f"{where} must be a mapping {{component, match, format, why}}", hint="see pi05_export/recipes/fp8.yaml")
     unknown = set(raw) - _RULE_KEYS
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}", hint=f"valid keys: {', '.join(sorted(_RULE_KEYS))}")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pi05_export.artifacts import Manifest, staging_dir, tool_versions, writing
+from pi05_export.artifacts import REPORTS_SUBDIR, Manifest, staging_dir, tool_versions, writing
 from pi05_export.components import Component, ComponentSpec
 from pi05_export.errors import ArtifactError
 from pi05_export.metrics import BASELINE_STEPS, compare, steps_table
@@ -34,7 +34,7 @@ from pi05_export.runtime.backends import Backend, to_spec
 from pi05_export.tolerances import Status, thresholds_for, worst
 
 log = logging.getLogger(__name__)
-REPORTS = "reports"
+REPORTS = REPORTS_SUBDIR
 DENOISE_STEPS_SAMPLED = 3  # component checks use the first, middle and last Euler step's inputs
 FP16_MAX = 65504.0  # the largest finite IEEE 754 binary16 value: beyond it fp16 holds inf
 ACTIVATION_ROWS = 8  # the report lists the largest activations, plus every one past FP16_MAX

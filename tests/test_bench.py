@@ -149,7 +149,7 @@ def test_onnxruntime_backend_runs_exported_graphs(tmp_path, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--preset", "tiny", "--random-init", "--steps", "3,x", "--device", "cpu"], "invalid --steps '3,x'"),
     (["--preset", "tiny", "--device", "cpu"], "needs --random-init"),
-    (["--preset", "tiny", "--random-init", "--device", "cpu", "--backend", "torch-cudagraph"], "needs a CUDA device"),
+    (["--preset", "tiny", "--random-init", "--device", "cpu", "--backend", "torch-cudagraph"], "captures CUDA graphs and needs a CUDA GPU"),
     (["--backend", "onnxruntime", "--device", "cpu"], "needs --artifacts"),
     (["--preset", "tiny", "--random-init", "--device", "tpu"], "unknown device"),
 ])

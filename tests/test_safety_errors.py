@@ -101,7 +101,9 @@ MANIFESTS = {
     "config_list": (lambda m: m.update(config=[1, 2]), "field 'config' is list"),
     "stage_number": (lambda m: m.update(stage=3), "field 'stage' is int"),
     "schema_bool": (lambda m: m.update(schema_version=True), "field 'schema_version' is bool"),
-    "unknown_field": (lambda m: m.update(colour="red"), "is not a valid pi05-export manifest"),
+    "unknown_field": (lambda m: m.update(colour="red"), "has unknown field(s) colour"),
+    "missing_field": (lambda m: m.pop("source"), "lacks the manifest field(s) source"),
+    "not_an_object": (lambda m: (m.clear(), m.update({"0": 1})), "lacks the manifest field(s) config, source, stage"),
 }
 
 

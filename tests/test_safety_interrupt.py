@@ -36,8 +36,8 @@ def pristine(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("pristine") / "out"
     export_onnx(random_model("tiny", seed=0), out, source=SOURCE, components="projections")
-    (out / "reports").mkdir()  # a downstream artifact that a re-export keeps
-    (out / "reports" / "validation.json").write_text("{}")
+    (out / "engines").mkdir()  # a downstream artifact that a re-export keeps
+    (out / "engines" / "plan.json").write_text("{}")
     return out
 
 
@@ -102,7 +102,7 @@ def test_symlinked_out_replaces_its_target_and_keeps_the_link(previous, tmp_path
     assert run([*ONNX, str(link)]) == 0
     assert link.is_symlink() and link.resolve() == previous.resolve()
     assert (previous / "manifest.json").read_text() != old_manifest  # the new export is where the link points
-    assert (previous / "reports" / "validation.json").is_file()
+    assert (previous / "engines" / "plan.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "out"]
 
 
@@ -135,7 +135,7 @@ def test_rename_failure_rolls_back_to_the_previous_output(previous, tmp_path, ca
     assert run([*ONNX, str(previous)]) == 2
     assert last_line(capsys.readouterr().err) == (f"error: cannot move the new output into {previous}: No space left on device "
                                                   "(hint: the previous output is unchanged; fix the file system problem and re-run)")
-    assert failed and snapshot(tmp_path) == before  # reports/ moved back in, staging removed
+    assert failed and snapshot(tmp_path) == before  # engines/ moved back in, staging removed
 
 
 def test_rename_failure_without_roll_back_is_finished_by_the_next_run(previous, tmp_path, capsys, monkeypatch):
@@ -147,13 +147,13 @@ def test_rename_failure_without_roll_back_is_finished_by_the_next_run(previous, 
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(Exception, match="cannot move the new output"), staging_dir(previous, stage="onnx", keep=("reports",)) as tmp:
+    with pytest.raises(Exception, match="cannot move the new output"), staging_dir(previous, stage="onnx", keep=("engines",)) as tmp:
         shutil.copytree(previous / "onnx", tmp / "onnx")
         (tmp / "manifest.json").write_text(_new_manifest(previous, "new"))
     monkeypatch.setattr(os, "replace", real)
     assert not previous.exists() and (tmp_path / "out.swap").is_file()  # the window the journal covers
     assert Manifest.read(previous).extra == {"marker": "new"}  # the next reader finishes the swap
-    assert (previous / "reports" / "validation.json").is_file()
+    assert (previous / "engines" / "plan.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -171,7 +171,7 @@ KILLER = textwrap.dedent("""
         if moving_out_aside and when == "between-renames":
             os.kill(os.getpid(), signal.SIGKILL)
     os.replace = replace
-    with staging_dir(out, stage="onnx", keep=("reports",)) as tmp:
+    with staging_dir(out, stage="onnx", keep=("engines",)) as tmp:
         shutil.copytree(out / "onnx", tmp / "onnx")
         (tmp / "manifest.json").write_text(manifest)
 """)
@@ -186,10 +186,10 @@ def test_kill_during_the_commit_is_finished_by_the_next_run(previous, tmp_path, 
     if when == "between-renames":  # the previous output is only under out.old-*: --out is gone
         assert not previous.exists()
         assert Manifest.read(previous).extra == {"marker": "new"}  # the next reader finishes the swap
-    else:  # reports/ already moved into the staged output
-        assert not (previous / "reports").exists()
+    else:  # engines/ already moved into the staged output
+        assert not (previous / "engines").exists()
     assert run([*ONNX, str(previous)]) == 0  # the next writer finishes (or finds finished) the swap, then replaces it
-    assert (previous / "reports" / "validation.json").is_file()
+    assert (previous / "engines" / "plan.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -223,7 +223,7 @@ def test_signal_inside_the_commit_is_delivered_after_it(previous, tmp_path, caps
     assert run([*ONNX, str(previous)]) == 143
     assert "interrupted by SIGTERM" in last_line(capsys.readouterr().err)
     assert sent and (previous / "manifest.json").read_text() != old_manifest  # the new output, whole
-    assert (previous / "reports" / "validation.json").is_file()
+    assert (previous / "engines" / "plan.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -22,7 +22,7 @@ USAGE_EXIT = 2
 # click's base exception, found through typer (Typer >= 0.20 bundles its own copy of click, older ones use click).
 _CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 # Modules of the optional extras (pyproject.toml): the base install is the robot-side runtime.
-OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "polygraphy": "export", "matplotlib": "export",
+OPTIONAL_MODULES = {"onnxscript": "export", "polygraphy": "export", "matplotlib": "export",
                     "onnx_graphsurgeon": "quant", "modelopt": "quant", "skimage": "quant", "jax": "jax",
                     "orbax": "jax", "tensorstore": "jax", "ml_dtypes": "jax", "tensorrt": "trt"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -18,14 +19,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
-out_console = Console()
+# Piped into a file or a log collector, rich would wrap at 80 columns; lines stay whole instead.
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out_console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pi05_export import __version__
+
+        typer.echo(f"pi05-export {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _callback(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     from rich.logging import RichHandler
 

@@ -47,9 +47,17 @@ def bench(
     seed: SeedOpt = 0,
 ) -> None:
     """Time vision, llm (prefix) and one denoise step, then end to end for each step count."""
-    from pi05_export.bench import RUNTIME_BACKENDS, format_table, load_bench_model, parse_steps, run_benchmark
+    from pi05_export.bench import (
+        RUNTIME_BACKENDS,
+        format_table,
+        load_bench_model,
+        parse_steps,
+        resolve_device,
+        run_benchmark,
+    )
 
-    steps_t = parse_steps(steps)  # fail on a typo before loading a model
+    steps_t = parse_steps(steps)  # fail on a typo (or a backend this machine cannot run) before loading a model
+    resolve_device(device, backend.value)
     model, source = None, None
     if backend.value not in RUNTIME_BACKENDS:
         with status(f"loading {checkpoint or preset or config} on {device}"):
