@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,19 @@ def test_cli_fp4_on_width_not_multiple_of_16(capsys, tmp_path):
     rec.write_text("rules:\n  - {component: projections, match: action_in_proj, format: fp4}\n")
     err = _cli_error(capsys, ["quantize", "--config", str(cfg), "--random-init", "--recipe", str(rec), "--out", str(tmp_path / "o")])
     assert "not a multiple of 16" in err
+
+
+def test_shipped_recipes_and_calibration_sets_are_package_data():
+    """A wheel (non-editable) install carries what the CLI ships: both live inside the package and
+    pyproject.toml's package-data lists them (a fresh-user trial found `recipes` empty otherwise)."""
+    import tomllib
+
+    import pi05_export
+    from pi05_export.calibration import SHIPPED_DIR
+    from pi05_export.recipe import RECIPES_DIR
+
+    package = Path(pi05_export.__file__).parent
+    assert RECIPES_DIR.parent == package and SHIPPED_DIR.parent == package
+    data = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pi05_export"]
+    shipped = [p.relative_to(package) for p in [*RECIPES_DIR.glob("*.yaml"), *SHIPPED_DIR.rglob("*")] if p.is_file()]
+    assert shipped and all(any(p.match(glob) for glob in data) for p in shipped), (shipped, data)
