@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -41,15 +42,15 @@ SWAP_SUFFIX = ".swap"  # <out>.swap: journal of a commit in progress (see recove
 CHECKPOINT_STAGE = "convert"  # the one stage whose output is a checkpoint directory, not an export
 
 
-def resolve_inside(base: str | Path, name: object, what: str, *, error: type[Pi05ExportError] = ArtifactError,
-                   hub_links: bool = False) -> Path:
+def resolve_inside(base: str | Path, name: object, what: str, *, error: type[Pi05ExportError] = ArtifactError) -> Path:
     """``base / name`` for a ``name`` read from a file (manifest, recipe, shard index, processor config).
 
     Refused with ``error`` (one line, exit 2) when ``name`` is not a non-empty relative string, is
-    absolute, climbs out with ``..``, or resolves outside ``base`` once symlinks are followed. With
-    ``hub_links`` only the directories on the way must stay inside: Hugging Face hub snapshots link every
-    file into ``../../blobs``, so there the final file may be a link out. ``what`` names the file and
-    field for the message, e.g. ``"manifest.json component 'llm'"``.
+    absolute, climbs out with ``..``, or resolves outside ``base`` once symlinks are followed. One link
+    out is allowed, the Hugging Face hub's own layout: inside ``<repo>/snapshots/<revision>/`` every file
+    links to ``<repo>/blobs/<hash>``, so a file whose target is a blob of the snapshot ``base`` lies in is
+    accepted (its contents are still checked wherever a hash or size is recorded). ``what`` names the
+    file and field for the message, e.g. ``"manifest.json component 'llm'"``.
     """
     base = Path(base)
     hint = f"the file must live in {base}"
@@ -60,10 +61,20 @@ def resolve_inside(base: str | Path, name: object, what: str, *, error: type[Pi0
         raise error(f"{what} names {name!r}, which is outside {base}", hint=hint)
     path = base / rel
     root = base.resolve()
-    target = (path.parent if hub_links else path).resolve()
-    if target != root and root not in target.parents:
+    target = path.resolve()
+    if target != root and root not in target.parents and not _hub_blob(root, path, target):
         raise error(f"{what} names {name!r}, which leads outside {base} through a symlink", hint=hint)
     return path
+
+
+def _hub_blob(root: Path, path: Path, target: Path) -> bool:
+    """True when ``path`` (under ``root``) is a Hugging Face hub snapshot file: its directories stay inside
+    ``root`` and it resolves to ``<repo>/blobs/<file>`` of the ``<repo>/snapshots/<revision>`` holding ``root``."""
+    parent = path.parent.resolve()
+    if parent != root and root not in parent.parents:
+        return False
+    snapshot = next((a for a in (root, *root.parents) if a.parent.name == "snapshots"), None)
+    return snapshot is not None and target.parent == snapshot.parent.parent / "blobs"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -150,6 +161,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 
 
 def _check_writable_parent(out: Path) -> None:
+    if not out.name:
+        raise ArtifactError(f"--out {out} names no directory (the file system root)", hint="choose a directory such as out/run1")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +196,11 @@ def output_lock(out: str | Path) -> Iterator[None]:
                                 hint=f"{lock.parent} must be writable (for --out: choose a writable directory)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise ArtifactError(f"cannot lock {lock}: {e.strerror} (this file system may not support flock)",
+                                    hint="choose an --out on a local file system") from None
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
             raise ArtifactError(f"{out} is being written by another pi05-export run" + (f" (pid {holder})" if holder else ""),
@@ -208,7 +225,7 @@ def output_lock(out: str | Path) -> Iterator[None]:
 
 def _leftovers(out: Path) -> list[Path]:
     """``<out>.tmp-<token>`` / ``<out>.old-<token>`` directories next to ``out`` (staging of earlier runs)."""
-    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-[0-9a-f]{8}")
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old|del)-[0-9a-f]{8}")
     try:
         return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name))
     except OSError:
@@ -219,7 +236,8 @@ def _swap(out: Path, tmp: Path, old: Path, keep: Iterable[str]) -> None:
     """Move ``keep`` entries of ``out`` into ``tmp``, then ``out`` -> ``old``, ``tmp`` -> ``out``. Each step
     checks the state first, so running it again after an interruption finishes the same swap."""
     if not tmp.is_dir():
-        return
+        raise FileNotFoundError(errno.ENOENT, "the staged output vanished (was the parent directory replaced meanwhile?)",
+                                str(tmp))
     if out.exists():
         for name in keep:
             if (out / name).exists() and not (tmp / name).exists():
@@ -337,7 +355,10 @@ def staging_dir(
         finally:
             if not _sibling(out, SWAP_SUFFIX).exists():  # a journal left by a failed roll-back: the next run finishes it
                 shutil.rmtree(tmp, ignore_errors=True)
-                shutil.rmtree(old, ignore_errors=True)
+                if old.exists():  # renamed first: a half-deleted copy is never mistaken for one to restore
+                    doomed = _sibling(out, f".del-{token}")
+                    os.replace(old, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _written_by(marker: Path, keys: tuple[str, ...], stage: str | None) -> bool:
@@ -487,7 +508,15 @@ class Manifest:
             if size != entry["bytes"]:
                 raise ArtifactError(f"{path} (with its .data) has {size} bytes, {where} recorded {entry['bytes']}",
                                     hint="re-run the stage that wrote it")
-            log.info("%s predates per-file hashes: only its size was checked (re-run the stage to record them)", where)
+            if full_hash and isinstance(entry.get("sha256"), str):
+                if sha256_graph(path) != entry["sha256"]:
+                    raise ArtifactError(f"{path} (with its .data) does not match the sha256 {where} recorded",
+                                        hint="re-run the stage that wrote it")
+            else:
+                log.info("%s predates per-file hashes: only its size was checked (re-run the stage to record them)", where)
+        else:
+            raise ArtifactError(f"{where} records neither the files nor the size of {rel!r}, so it cannot be checked",
+                                hint="re-run the stage that wrote it")
         return path
 
 

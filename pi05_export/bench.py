@@ -366,7 +366,8 @@ def compile_stage(fn: Callable[..., Any], name: str, args: Sequence[Any], notes:
 
 
 def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: bool,
-                  compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> _Stages:
+                  compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None, *,
+                  component_graphs: bool = True) -> _Stages:
     """Eager, compiled and/or CUDA-graph stages over the static inputs ``inp`` (:func:`bench_inputs`).
 
     Every backend but eager ``torch`` also gets a :class:`~pi05_export.runtime.sampler.Sampler` for whole
@@ -397,7 +398,7 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
         llm = compile_stage(llm, "llm", llm_args, notes, cuda=cuda, compiler=compiler)
         denoise = compile_stage(denoise, "denoise", (inp["noise"], t0, kv, pm), notes, cuda=cuda, compiler=compiler)
     sampler = Sampler(StageFns(vision, llm, denoise), inp, graphs=graph)
-    if not graph:
+    if not graph or not component_graphs:  # the policy runtime only runs whole inferences (the sampler)
         return _Stages(vision, llm, denoise, cuda, notes, sampler)
     # Per-component graphs, for the component timings only (whole inferences replay the sampler's graphs).
     g_vision = GraphedCall(vision, [inp["pixel_values"]])
@@ -624,7 +625,9 @@ def _measure_pipelined(sampler: Sampler, inp: dict[str, Any], steps: int, warmup
 
 
 def _steps_table(model: Any, stages: _Stages, inp: dict[str, Any], steps: Sequence[int]) -> list[dict[str, float]]:
-    """:func:`~pi05_export.metrics.steps_table` for the benchmarked stages against an fp32 eager copy."""
+    """:func:`~pi05_export.metrics.steps_table` for the benchmarked stages against an fp32 eager copy of the
+    same weights (fp32 compute; for a checkpoint loaded in bf16 the weights are already bf16-rounded, so
+    this is not `validate`'s fp32 reference, which keeps the checkpoint's own weights)."""
     import copy
 
     from pi05_export.metrics import BASELINE_STEPS, steps_table
@@ -685,7 +688,8 @@ def format_table(result: BenchResult | dict[str, Any]) -> str:
         lines.append(f"end to end: {r['stages']['end_to_end']}; pipe: measured period per chunk of the two-stream "
                      "pipeline (--pipelined); pipe est: max(vision, llm + steps x denoise) from the medians")
     if r.get("steps_table"):
-        lines.append(f"{'steps':<7}{'MSE vs 10 own':>15}{'max abs':>10}{'MSE vs fp32 10':>16}{'max abs':>10}")
+        lines.append(f"{'steps':<7}{'MSE vs 10 own':>15}{'max abs':>10}{'MSE vs fp32 10':>16}{'max abs':>10}"
+                     "  (fp32: fp32 compute of the same weights)")
         for row in r["steps_table"]:
             lines.append(f"{int(row['steps']):<7}{row['mse_vs_own']:>15.3g}{row['max_abs_vs_own']:>10.3g}"
                          f"{row['mse_vs_reference']:>16.3g}{row['max_abs_vs_reference']:>10.3g}")

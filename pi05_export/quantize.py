@@ -213,6 +213,9 @@ def fp8_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     scale = exact.to(dtype)
     if scale.float() < exact:
         scale = torch.nextafter(scale, torch.tensor(float("inf"), dtype=dtype))
+    if not torch.isfinite(scale):
+        raise RecipeError(f"an FP8 scale of {float(exact):.3g} does not fit the {dtype} Q/DQ type (amax {float(amax):.3g})",
+                          hint="quantize with --precision bf16 (fp32's exponent range), or keep that layer out of FP8")
     return scale.clamp(min=torch.finfo(dtype).tiny)
 
 

@@ -265,12 +265,13 @@ class _Context:
     ``set_tensor_address`` + ``execute_async_v3``: no Polygraphy, no copies). ``bind`` supplies input
     buffers made elsewhere (another engine's outputs, reshaped), so engines chain without copies."""
 
-    def __init__(self, path: Path, shapes: Mapping[str, Shape], bind: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, path: Path, engine: tensorrt.ICudaEngine, shapes: Mapping[str, Shape],
+                 bind: Mapping[str, torch.Tensor] | None = None) -> None:
         import tensorrt as trt
         import torch
 
         self.path = path
-        self.engine = load_engine(path)
+        self.engine = engine  # shared: every context of one engine uses its one copy of the weights
         context = self.engine.create_execution_context()
         if context is None:
             raise ArtifactError(f"TensorRT could not create an execution context for {path}", hint="free GPU memory")
@@ -316,20 +317,20 @@ class GraphedEngines:
     **Never executed here**: TensorRT cannot be installed on this project's machines.
     """
 
-    def __init__(self, engines: Mapping[str, Path], *, batch: int, views: int, num_patches: int, width: int,
-                 tokens: int, horizon: int, action_dim: int) -> None:
+    def __init__(self, engines: Mapping[str, tuple[Path, tensorrt.ICudaEngine]], *, batch: int, views: int,
+                 num_patches: int, width: int, tokens: int, horizon: int, action_dim: int) -> None:
         import torch
 
         self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         self.batch = batch
-        vision = _Context(engines["vision"], {"pixel_values": self._pixel_shape(engines["vision"], batch * views)})
+        vision = _Context(*engines["vision"], {"pixel_values": self._pixel_shape(engines["vision"][1], batch * views)})
         embeds = vision.outputs["image_embeds"].view(batch, views * num_patches, width)
-        llm = _Context(engines["llm"], {"image_embeds": tuple(embeds.shape), "image_mask": (batch, views),
-                                        "tokens": (batch, tokens), "token_mask": (batch, tokens)},
+        llm = _Context(*engines["llm"], {"image_embeds": tuple(embeds.shape), "image_mask": (batch, views),
+                                         "tokens": (batch, tokens), "token_mask": (batch, tokens)},
                        bind={"image_embeds": embeds})
         kv, pm = llm.outputs["kv_cache"], llm.outputs["prefix_mask"]
-        denoise = _Context(engines["denoise"], {"x_t": (batch, horizon, action_dim), "t": (batch,),
-                                                "kv_cache": tuple(kv.shape), "prefix_mask": tuple(pm.shape)},
+        denoise = _Context(*engines["denoise"], {"x_t": (batch, horizon, action_dim), "t": (batch,),
+                                                 "kv_cache": tuple(kv.shape), "prefix_mask": tuple(pm.shape)},
                            bind={"kv_cache": kv, "prefix_mask": pm})
         self.vision, self.llm, self.denoise = vision, llm, denoise
         self.noise = torch.empty_like(denoise.inputs["x_t"])  # the loop restarts from it: every replay is whole
@@ -337,10 +338,9 @@ class GraphedEngines:
         self._graphs: dict[str, Any] = {}
 
     @staticmethod
-    def _pixel_shape(path: Path, images: int) -> Shape:
-        io = {name: shape for name, _, shape in engine_io(path)["inputs"]}
-        _, c, h, w = io["pixel_values"]
-        return (images, int(c), int(h), int(w))
+    def _pixel_shape(engine: tensorrt.ICudaEngine, images: int) -> Shape:
+        dims = engine.get_tensor_shape("pixel_values")  # [-1 (images), 3, S, S]
+        return (images, int(dims[1]), int(dims[2]), int(dims[3]))
 
     def _run(self, key: str, body: Any) -> None:
         """Replay ``key``'s graph, capturing it on first use (after one uncaptured run); uncaptured on failure."""

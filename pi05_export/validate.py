@@ -142,15 +142,19 @@ def activation_peaks(model: Any) -> Any:
     name in the order the layers first ran. Norm layers' inputs are the residual stream."""
     import torch
 
-    peaks: dict[str, float] = {}
+    peaks = Peaks()
+
+    def largest(tensors: Any) -> float:
+        values = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        return max((float(t.detach().abs().amax()) for t in values), default=0.0)
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: Any, args: tuple[Any, ...], out: Any) -> None:
-            values = [t for t in (*args, *(out if isinstance(out, tuple) else (out,)))
-                      if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-            if values:
-                peak = max(float(t.detach().abs().amax()) for t in values)
+            read = largest(args)
+            peak = max(read, largest(out if isinstance(out, tuple) else (out,)))
+            if peak or name in peaks:
                 peaks[name] = max(peaks.get(name, 0.0), peak)
+                peaks.read[name] = max(peaks.read.get(name, 0.0), read)
 
         return record
 
@@ -162,6 +166,14 @@ def activation_peaks(model: Any) -> Any:
             h.remove()
 
 
+class Peaks(dict[str, float]):
+    """Layer name -> the largest |value| it read or wrote; ``read``: the largest it read (its inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: dict[str, float] = {}
+
+
 def activation_rows(peaks: dict[str, float], rows: int = ACTIVATION_ROWS) -> list[dict[str, Any]]:
     """The report's activation table: the ``rows`` largest peaks and every one past :data:`FP16_MAX`
     (``max_abs``; ``vs_fp16`` = max_abs / 65504; ``order``: when the layer first ran, so the smallest
@@ -169,7 +181,9 @@ def activation_rows(peaks: dict[str, float], rows: int = ACTIVATION_ROWS) -> lis
     order = {name: i for i, name in enumerate(peaks)}
     ranked = sorted(peaks, key=lambda n: -peaks[n])
     keep = [n for n in ranked if n in ranked[:rows] or peaks[n] > FP16_MAX]
-    return [{"layer": n, "max_abs": peaks[n], "vs_fp16": peaks[n] / FP16_MAX, "order": order[n]} for n in keep]
+    read = getattr(peaks, "read", {})
+    return [{"layer": n, "max_abs": peaks[n], "vs_fp16": peaks[n] / FP16_MAX, "order": order[n],
+             "reads_past_fp16": read.get(n, 0.0) > FP16_MAX} for n in keep]
 
 
 def measure_activations(model: Any, obs: Observation, *, steps: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
@@ -186,7 +200,10 @@ def fp16_overflow_advice(rows: list[dict[str, Any]]) -> str | None:
     over = sorted((r for r in rows if r["max_abs"] > FP16_MAX), key=lambda r: r["order"])
     if not over:
         return None
-    first = over[0]["layer"]
+    # A layer whose *input* is already past 65504 (e.g. down_proj reading gelu(gate) * up) cannot fix it by
+    # staying fp32 itself: the value was made in fp16 before it. Keep the block that makes it instead.
+    layer = over[0]["layer"]
+    first = (layer.rpartition(".")[0] or layer) if over[0].get("reads_past_fp16") else layer
     return (f"in fp32 PyTorch on these inputs, {len(over)} layer(s) read or write values past fp16's 65504, first {first} "
             f"({over[0]['max_abs']:.3g}): fp16 graphs overflow there unless it stays fp32 (`onnx --precision fp16 --keep-fp32 "
             f"'{first}'`, or a recipe rule `format: fp32`); bf16 has fp32's range")

@@ -177,3 +177,23 @@ def test_fp16_overflow_fails_and_names_the_layer(tmp_path, capsys):
     assert run(["inspect", str(tmp_path / "bf16"), "--inputs", str(tmp_path / "obs.npz"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["activations"]  # the same table, from inspect
     assert min(r["order"] for r in rows if r["max_abs"] > 65504) == next(r["order"] for r in rows if r["layer"] == layer)
+
+
+def test_overflow_advice_keeps_the_block_that_makes_a_value_only_read_past_fp16(fresh_tiny_model):
+    """gate * up overflows inside the MLP before down_proj reads it: keeping down_proj fp32 would not help,
+    so the advice names the MLP block (a layer whose own output overflows is named itself, see above)."""
+    import torch
+
+    from pi05_export.observation import random_observation
+    from pi05_export.validate import fp16_overflow_advice, measure_activations
+
+    mlp = "paligemma_with_expert.paligemma.model.language_model.layers.0.mlp"
+    modules = dict(fresh_tiny_model.named_modules())
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):
+            modules[f"{mlp}.{name}"].weight.mul_(300.0)
+    rows = measure_activations(fresh_tiny_model, random_observation(fresh_tiny_model.config, batch=1, seed=0))
+    by_layer = {r["layer"]: r for r in rows}
+    assert by_layer[f"{mlp}.down_proj"]["reads_past_fp16"]  # the product it reads was made in fp16 before it
+    advice = fp16_overflow_advice(rows)
+    assert advice is not None and f"--keep-fp32 '{mlp}'" in advice, advice

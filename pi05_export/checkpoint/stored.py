@@ -87,7 +87,7 @@ def plan_parameters(stored: dict[str, Stored], ckpt_dir: Path) -> tuple[dict[str
     for key, s in stored.items():
         if key in consumed:
             continue
-        base = key.replace(".base_layer.weight", ".weight") if key.endswith(".base_layer.weight") else key
+        base = key.replace(".base_layer.", ".")  # PEFT wraps the Linear: its weight and bias both move under base_layer
         params[base] = ParamSource(s)
     # FP8 scale companions and their activation scales.
     for key in list(params):

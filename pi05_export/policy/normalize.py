@@ -170,7 +170,7 @@ def load_lerobot_norm_stats(directory: str | Path) -> NormStats:
         raise InputError(f"{pipe_path}: eps {config.get('eps')!r} is not a number", hint=bad) from None
     norm_map = config.get("norm_map") or {}
     features = config.get("features") or {}
-    state_file = resolve_inside(directory, step["state_file"], f"{pipe_path} state_file", error=InputError, hub_links=True)
+    state_file = resolve_inside(directory, step["state_file"], f"{pipe_path} state_file", error=InputError)
     try:
         tensors = load_file(str(state_file))
     except FileNotFoundError:
@@ -225,7 +225,7 @@ def find_norm_stats(roots: list[Path], asset_id: str | None) -> NormStats:
     looked = []
     for root in roots:
         if asset_id:
-            candidate = resolve_inside(root / "assets", f"{asset_id}/{NORM_STATS_NAME}", "the robot profile's asset_id", error=InputError, hub_links=True)
+            candidate = resolve_inside(root / "assets", f"{asset_id}/{NORM_STATS_NAME}", "the robot profile's asset_id", error=InputError)
             looked.append(str(candidate))
             if candidate.is_file():
                 return load_openpi_norm_stats(candidate)

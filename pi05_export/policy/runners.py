@@ -60,14 +60,13 @@ class TorchRunner:
         if backend.endswith("cudagraph") and not self._cuda:
             raise HardwareError(f"backend {backend!r} needs a CUDA GPU", hint="use --backend torch on the CPU")
         self._staged: dict[int, tuple[Any, dict[str, Any]]] = {}  # static batch -> (stages, static inputs)
-        self._grids: dict[tuple[int, int], list[Any]] = {}
         if backend != "torch":
             from pi05_export.bench import _torch_stages, bench_inputs
 
             for b in sorted({1, max_batch}):
                 static = bench_inputs(self.config, b, seed=0, device=self._device)
                 with torch.inference_mode():  # as every call runs: no recompile on a guard mismatch
-                    self._staged[b] = (_torch_stages(model, backend, static, self._cuda), static)
+                    self._staged[b] = (_torch_stages(model, backend, static, self._cuda, component_graphs=False), static)
                 log.info("%s stages at batch %d: %s", backend, b, self._staged[b][0].notes)
         self._torch = torch
 
@@ -98,8 +97,6 @@ class TorchRunner:
 
     def _sample_staged(self, images: np.ndarray, image_mask: np.ndarray, tokens: np.ndarray, token_mask: np.ndarray,
                        noise: np.ndarray, steps: int) -> Any:
-        from pi05_export.bench import sample_with, time_grid
-
         fits = [b for b in self._staged if b >= images.shape[0]]
         if not fits:
             raise ConfigError(f"batch {images.shape[0]} exceeds the compiled batch {self.max_batch}", hint="raise --max-batch")
@@ -115,9 +112,7 @@ class TorchRunner:
         s["tokens"].copy_(self._to_device(padded(tokens)))
         s["token_mask"].copy_(self._to_device(padded(token_mask)))
         s["noise"].copy_(self._to_device(padded(noise)))
-        if (steps, static_b) not in self._grids:
-            self._grids[steps, static_b] = [t.to(self._device) for t in time_grid(steps, static_b)]
-        return sample_with(stages, s, self._grids[steps, static_b])
+        return stages.sampler.sample(s, steps)  # whole inference: on CUDA graphs, two launches
 
 
 class PipelineRunner:
@@ -135,6 +130,7 @@ class PipelineRunner:
         self.config = self.pipeline.config
         self.device = "cuda" if backend == "tensorrt" else "cpu"
         self._graphed_engines: dict[int, Any] = {}
+        self._loaded_engines: dict[str, Any] = {}
 
     @property
     def warmup_batches(self) -> tuple[int, ...]:
@@ -156,19 +152,23 @@ class PipelineRunner:
         return actions, (time.perf_counter() - t0) * 1e3
 
     def _graphed(self, batch: int) -> Any:
-        """:class:`pi05_export.trt.GraphedEngines` for ``batch`` (cached), or None when the engine set has no
-        fused denoise engine (then the engines run one by one; logged once)."""
+        """:class:`pi05_export.trt.GraphedEngines` for static ``batch`` (cached; the engines themselves are
+        loaded once and shared by every batch's contexts), or None when the engine set has no fused denoise
+        engine (then the engines run one by one; logged once)."""
         from pi05_export.components import Component
 
         if batch in self._graphed_engines:
             return self._graphed_engines[batch]
         engines = getattr(self.pipeline.backend, "engines", {})
         graphed = None
-        if all(c in engines for c in (Component.vision, Component.llm, Component.denoise)):
-            from pi05_export.trt import GraphedEngines
+        parts = (Component.vision, Component.llm, Component.denoise)
+        if all(c in engines for c in parts):
+            from pi05_export.trt import GraphedEngines, load_engine
 
+            if not self._loaded_engines:
+                self._loaded_engines = {c.value: (engines[c], load_engine(engines[c])) for c in parts}
             cfg = self.config
-            graphed = GraphedEngines({c.value: engines[c] for c in (Component.vision, Component.llm, Component.denoise)},
+            graphed = GraphedEngines(self._loaded_engines,
                                      batch=batch, views=cfg.num_views, num_patches=cfg.vision.num_patches,
                                      width=cfg.llm.width, tokens=cfg.max_token_len, horizon=cfg.action_horizon,
                                      action_dim=cfg.action_dim)
@@ -188,10 +188,14 @@ class PipelineRunner:
         up = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in
               {"images": images, "image_mask": image_mask, "tokens": tokens, "token_mask": token_mask, "noise": noise}.items()}
         b, v = images.shape[:2]
-        graphed = self._graphed(b)
+        static_b = 1 if b == 1 else self.max_batch  # contexts and graphs exist for these two batches only
+        graphed = self._graphed(static_b) if b <= static_b else None
         if graphed is not None:
-            return graphed.sample(up["images"], up["image_mask"], up["tokens"], up["token_mask"], up["noise"],  # type: ignore[no-any-return]
-                                  steps).cpu().numpy()
+            pad = static_b - b
+            padded = {k: torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) if pad else t for k, t in up.items()}
+            actions = graphed.sample(padded["images"], padded["image_mask"], padded["tokens"], padded["token_mask"],
+                                     padded["noise"], steps)
+            return actions[:b].cpu().numpy()  # type: ignore[no-any-return]
         emb = self.pipeline.vision(up["images"].flatten(0, 1))
         kv, pm = self.pipeline.prefix(emb.reshape(b, -1, emb.shape[-1]), up["image_mask"], up["tokens"], up["token_mask"])
         x = up["noise"].float()

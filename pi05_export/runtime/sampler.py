@@ -216,6 +216,9 @@ class Sampler:
                 if enc_stream is not None:
                     enc_stream.wait_stream(producer)  # the batch's tensors were made on the caller's stream
                     enc_stream.wait_event(freed[k])  # the slot's previous denoise has read its noise and KV
+                    for t in batch.values():  # read here, possibly after the caller dropped them: keep them alive
+                        if t.is_cuda:
+                            t.record_stream(enc_stream)
                 slots[k].load(batch)
                 slots[k].encode()
                 if encoded[k] is not None:
@@ -237,16 +240,21 @@ class Sampler:
         first = next(it, None)
         if first is None:
             return
-        issue_encode(0, first)
-        i = 0
-        while True:
-            nxt = next(it, None)
-            if nxt is not None:
-                issue_encode(i + 1, nxt)
-            issue_denoise(i)
-            if freed[i % 2] is not None:
-                freed[i % 2].synchronize()
-            yield host[i % 2].numpy().copy()
-            if nxt is None:
-                return
-            i += 1
+        try:
+            issue_encode(0, first)
+            i = 0
+            while True:
+                nxt = next(it, None)
+                if nxt is not None:
+                    issue_encode(i + 1, nxt)
+                issue_denoise(i)
+                if freed[i % 2] is not None:
+                    freed[i % 2].synchronize()
+                yield host[i % 2].numpy().copy()
+                if nxt is None:
+                    return
+                i += 1
+        finally:  # a consumer that stops early leaves no encode in flight into a slot sample() reuses
+            if enc_stream is not None and den_stream is not None:
+                enc_stream.synchronize()
+                den_stream.synchronize()
