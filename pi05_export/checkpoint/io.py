@@ -520,13 +520,13 @@ def reference_model(source: dict[str, Any], checkpoint: str | Path | None = None
     path = checkpoint or source.get("path")
     if not path or not Path(path).exists():
         raise CheckpointError(f"the checkpoint the artifacts came from ({path}) is not available", hint="pass it with --checkpoint PATH")
-    model, info = load_checkpoint(path, config)
-    if source.get("sha256") and _files_digest(info.files) != source["sha256"]:
+    # the weights' sha256 first: a wrong checkpoint is refused before minutes of loading
+    if source.get("sha256") and _files_digest(_weight_files(Path(path))[0]) != source["sha256"]:
         raise ArtifactError(
             f"{path} is not the checkpoint these artifacts were exported from (sha256 differs)",
             hint="pass the exported checkpoint with --checkpoint, or re-export from this one",
         )
-    return model
+    return load_checkpoint(path, config)[0]
 
 
 def _files_digest(files: list[Path]) -> str:
