@@ -324,16 +324,13 @@ def _time_calls(fn: Callable[[], Any], *, warmup: int, iters: int, cuda: bool) -
 def sample_with(stages: _Stages, inp: dict[str, Any], grid: Sequence[Any]) -> Any:
     """vision -> llm -> len(grid) Euler steps, for torch tensors or numpy arrays alike; through the
     stages' :class:`Sampler` when they have one (``inp`` then holds torch tensors; ``grid`` gives the steps)."""
+    from pi05_export.runtime.sampler import StageFns, denoise_loop
+
     if stages.sampler is not None:
         return stages.sampler.sample(inp, len(grid))
-    emb = stages.vision(inp["pixel_values"])
-    b = inp["tokens"].shape[0]
-    kv, pm = stages.llm(emb.reshape(b, -1, emb.shape[-1]), inp["image_mask"], inp["tokens"], inp["token_mask"])
-    x = inp["noise"]
-    dt = -1.0 / len(grid)
-    for t in grid:
-        x = x + dt * stages.denoise(x, t, kv, pm)
-    return x
+    kv, pm = StageFns(stages.vision, stages.llm, stages.denoise).encode(
+        inp["pixel_values"], inp["image_mask"], inp["tokens"], inp["token_mask"])
+    return denoise_loop(stages.denoise, inp["noise"], grid, kv, pm)
 
 
 def _eager_stages(model: Any, cuda: bool) -> _Stages:

@@ -72,8 +72,9 @@ def denoise_loop(denoise: Callable[..., torch.Tensor], noise: torch.Tensor, grid
                  kv_cache: torch.Tensor, prefix_mask: torch.Tensor) -> torch.Tensor:
     """``len(grid)`` Euler steps from t=1 (``noise`` [B, H, A]) to t=0, fp32: ``x += dt * v_t`` with
     ``dt = -1/len(grid)`` and ``grid`` the per-step times [B] (:func:`pi05_export.bench.time_grid`,
-    accumulated in fp32 as openpi's ``sample_actions`` does). Returns actions float32 [B, H, A]."""
-    x = noise.float()
+    accumulated in fp32 as openpi's ``sample_actions`` does). Returns actions float32 [B, H, A]; torch
+    tensors or (exported graphs on ONNX Runtime) numpy float32 arrays alike."""
+    x = noise.float() if isinstance(noise, torch.Tensor) else noise
     dt = -1.0 / len(grid)
     for t in grid:
         x = x + dt * denoise(x, t, kv_cache, prefix_mask)
