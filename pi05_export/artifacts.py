@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pi05_export import __version__
-from pi05_export.errors import ArtifactError, Pi05ExportError, path_error
+from pi05_export.errors import ArtifactError, Pi05ExportError, first_line, path_error
 from pi05_export.signals import check_interrupted, deferred_signals
 
 log = logging.getLogger(__name__)
@@ -447,7 +447,7 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise ArtifactError(f"{path} is not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+            raise ArtifactError(f"{path} is not readable JSON ({first_line(e)})",
                                 hint=broken) from None
         if not isinstance(data, dict):
             raise ArtifactError(f"{path} must hold a JSON object, got {type(data).__name__}", hint=broken)
@@ -542,7 +542,7 @@ def load_graph(path: str | Path) -> Any:
     except OSError as e:
         raise ArtifactError(f"cannot read graph {path}: {e.strerror or e}", hint=hint) from None
     except Exception as e:  # protobuf's DecodeError and friends: garbage or a truncated file
-        raise ArtifactError(f"{path} is not a readable ONNX graph ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})",
+        raise ArtifactError(f"{path} is not a readable ONNX graph ({type(e).__name__}: {first_line(e, 'corrupt')})",
                             hint=hint) from None
     if not model.graph.node or not model.opset_import:
         raise ArtifactError(f"{path} is not an ONNX graph (no nodes or no opset)", hint=hint)

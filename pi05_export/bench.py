@@ -43,7 +43,7 @@ import torch
 
 from pi05_export.config import Pi05Config
 from pi05_export.dtypes import PRECISIONS, torch_dtype
-from pi05_export.errors import ConfigError, DependencyError, HardwareError
+from pi05_export.errors import ConfigError, DependencyError, HardwareError, first_line
 
 if TYPE_CHECKING:
     from pi05_export.runtime.sampler import Sampler
@@ -353,7 +353,7 @@ def compile_stage(fn: Callable[..., Any], name: str, args: Sequence[Any], notes:
         compiled(*args)
         _sync(cuda)
     except Exception as e:  # noqa: BLE001  (any compiler failure -> eager, logged and recorded)
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        reason = f"{type(e).__name__}: {first_line(e, '')}"[:300]
         log.warning("torch.compile failed for %s, running it eagerly: %s", name, reason)
         notes[name] = f"eager (torch.compile failed: {reason})"
         return fn

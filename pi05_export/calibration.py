@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pi05_export.config import Pi05Config
-from pi05_export.errors import InputError
+from pi05_export.errors import InputError, first_line
 from pi05_export.observation import Observation, load_observation, save_npz
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+        raise InputError(f"{path} is not a readable JSON file ({first_line(e)})",
                          hint="rebuild the set with `pi05-export calibration-build`") from None
     if not isinstance(meta, dict):
         raise InputError(f"{path} must hold a JSON object, got {type(meta).__name__}",

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pi05_export.errors import ConfigError, Pi05ExportError
+from pi05_export.errors import ConfigError, Pi05ExportError, first_line
 
 
 def check_value(name: str, value: Any, kind: str, *, minimum: int = 1) -> int | float:
@@ -97,7 +97,7 @@ def load_yaml(path: str | Path, what: str, error: type[Pi05ExportError] = Config
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         hint = "write the values out: anchors and aliases are refused" if isinstance(e, _AliasError) else "fix the syntax"
         raise error(f"{what} {path} is not valid YAML/JSON: {problem}{where}", hint=hint) from None
 

@@ -46,7 +46,7 @@ from pi05_export.checkpoint.io import (
 )
 from pi05_export.checkpoint.stored import check_finite
 from pi05_export.config import PRESETS, GemmaConfig, Pi05Config, SiglipConfig
-from pi05_export.errors import CheckpointError, ConfigError, DependencyError
+from pi05_export.errors import CheckpointError, ConfigError, DependencyError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def _read_tree(ckpt: Path) -> _Source:
         with _quiet_absl(), ocp.PyTreeCheckpointer() as ckptr:
             meta = ckptr.metadata(params_dir.absolute())
     except Exception as e:  # orbax raises many types for "not a checkpoint"
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"{params_dir} is not a readable orbax checkpoint ({first})",
             hint="pass an openpi JAX checkpoint directory written by orbax (params/ with _METADATA)",
@@ -786,7 +786,7 @@ def _open_leaf(ocp: Any, ts: Any, src: _Source, leaf: _Leaf, context: Any) -> An
     try:
         array = ts.open(spec, context=context, read=True).result()
     except Exception as e:  # TensorStore raises ValueError/OSError subclasses with long texts
-        raise CheckpointError(f"cannot open leaf {leaf.path}: {str(e).splitlines()[0]}",
+        raise CheckpointError(f"cannot open leaf {leaf.path}: {first_line(e)}",
                               hint="the checkpoint is incomplete or corrupt") from None
     if tuple(array.shape) != leaf.shape:
         raise CheckpointError(f"leaf {leaf.path}: stored array has shape {list(array.shape)}, metadata says "
@@ -813,5 +813,5 @@ def _read(view: Any, leaf: _Leaf) -> np.ndarray:
     try:
         return np.asarray(view.read().result())
     except Exception as e:
-        raise CheckpointError(f"cannot read leaf {leaf.path}: {str(e).splitlines()[0]}",
+        raise CheckpointError(f"cannot read leaf {leaf.path}: {first_line(e)}",
                               hint="the checkpoint is incomplete or corrupt") from None

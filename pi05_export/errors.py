@@ -14,6 +14,13 @@ import errno
 import os
 
 
+def first_line(e: BaseException, default: str | None = None) -> str:
+    """The first non-empty line of ``e``'s message, for one-line errors that quote a library's exception;
+    ``default`` (else the exception's type name) when the message is empty."""
+    line = next((s for s in str(e).splitlines() if s.strip()), "")
+    return line or (type(e).__name__ if default is None else default)
+
+
 class Pi05ExportError(Exception):
     """A mistake the user can fix (bad input, missing artifact, unsupported hardware)."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pi05_export.config import Pi05Config
-from pi05_export.errors import InputError
+from pi05_export.errors import InputError, first_line
 
 _REQUIRED = ("images", "image_mask", "tokens", "token_mask")
 
@@ -238,7 +238,7 @@ def load_npz(path: str | Path, missing_hint: str = "pass an .npz written per REA
     except IsADirectoryError:
         raise InputError(f"inputs file {path} is a directory", hint=missing_hint) from None
     except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({str(e).splitlines()[0] if str(e) else e!r})",
+        raise InputError(f"{path} is not a readable .npz file ({first_line(e, repr(e))})",
                          hint="write it with numpy.savez") from None
 
 

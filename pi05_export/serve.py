@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pi05_export.errors import ConfigError, Pi05ExportError
+from pi05_export.errors import ConfigError, Pi05ExportError, first_line
 from pi05_export.policy.policy import Policy, PolicyInputs
 from pi05_export.wire import WireError, packb, unpackb
 
@@ -152,7 +152,7 @@ class PolicyServer:
             line = str(e)
             log.warning("bad request from %s: %s", peer, line)
         else:
-            line = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            line = f"internal error: {type(e).__name__}: {first_line(e, '')}"
             log.exception("request from %s failed", peer)
         with contextlib.suppress(Exception):
             await ws.send(line)

@@ -17,6 +17,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from pi05_export.errors import first_line
+
 _REFUSED_KINDS = "VOc"  # structured, object, complex (openpi_client msgpack_numpy.py L21-40)
 
 
@@ -84,4 +86,4 @@ def unpackb(data: bytes) -> Any:
     except WireError:
         raise
     except Exception as e:  # noqa: BLE001  (msgpack raises many types for garbage: ExtraData, FormatError, ...)
-        raise WireError(f"not a msgpack message ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise WireError(f"not a msgpack message ({type(e).__name__}: {first_line(e, '')[:120]})") from None

@@ -24,7 +24,7 @@ import torch
 from pi05_export.checkpoint.stored import Stored, check_float_dtype, materialize, plan_parameters
 from pi05_export.config import CHECKPOINT_CONFIG_KEY, Pi05Config, check_value
 from pi05_export.dtypes import graph_dtype, torch_dtype
-from pi05_export.errors import ArtifactError, CheckpointError, ConfigError
+from pi05_export.errors import ArtifactError, CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _open(file: Path) -> Any:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
-            f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})",
+            f"{file} is not a readable safetensors file ({first_line(e)})",
             hint="the file is truncated or corrupt; copy or download it again",
         ) from None
 

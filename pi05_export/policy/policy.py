@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pi05_export.config import Pi05Config
-from pi05_export.errors import ConfigError, InputError
+from pi05_export.errors import ConfigError, InputError, first_line
 from pi05_export.policy.images import camera_jobs
 from pi05_export.policy.normalize import NormStats, check_finite, find_norm_stats, load_norm_stats
 from pi05_export.policy.profiles import ADAPTERS, KeyPath, RobotProfile, key_name, load_profile
@@ -467,7 +467,7 @@ def load_robot_observation(path: str | Path, profile: RobotProfile) -> dict[str,
         except FileNotFoundError:
             raise InputError(f"inputs file {path} does not exist", hint="pass a .npz or .json in the robot's keys") from None
         except (OSError, ValueError) as e:
-            raise InputError(f"{path} is not a readable JSON file ({str(e).splitlines()[0]})", hint="fix the JSON") from None
+            raise InputError(f"{path} is not a readable JSON file ({first_line(e)})", hint="fix the JSON") from None
         if not isinstance(raw, dict):
             raise InputError(f"{path} must hold a JSON object", hint=f"keys: {', '.join(profile.expected_keys)}")
     else:

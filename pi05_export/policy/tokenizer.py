@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pi05_export.errors import ConfigError, InputError
+from pi05_export.errors import ConfigError, InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class PromptTokenizer:
         except Exception as e:  # noqa: BLE001  (sentencepiece and tokenizers raise plain Exception / RuntimeError)
             if isinstance(e, ConfigError):
                 raise
-            raise ConfigError(f"cannot load tokenizer {self.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            raise ConfigError(f"cannot load tokenizer {self.path}: {first_line(e)}",
                               hint="pass PaliGemma's paligemma_tokenizer.model or a tokenizer.json") from None
         if bos is None or bos < 0:
             raise ConfigError(f"tokenizer {self.path} has no BOS token", hint="use PaliGemma's tokenizer (BOS id 2)")

@@ -15,7 +15,7 @@ import numpy as np
 
 from pi05_export.artifacts import load_graph
 from pi05_export.components import Component, ComponentSpec, TensorSpec
-from pi05_export.errors import ArtifactError
+from pi05_export.errors import ArtifactError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class OnnxRuntimeBackend:
             except Exception as e:
                 if not type(e).__module__.startswith("onnxruntime"):
                     raise
-                raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}",
+                raise ArtifactError(f"ONNX Runtime cannot load {path}: {first_line(e)}",
                                     hint="re-export it with `pi05-export onnx`") from None
         return self._sessions[component]
 
