@@ -371,11 +371,18 @@ def _written_by(marker: Path, keys: tuple[str, ...], stage: str | None) -> bool:
     return stage is None or data.get("stage") == stage
 
 
+def external_data_path(graph: str | Path) -> Path:
+    """Where an ONNX graph ``<name>.onnx`` keeps its weights: ``<name>.onnx.data`` beside it (every graph
+    this tool writes uses that name)."""
+    graph = Path(graph)
+    return graph.with_name(graph.name + ".data")
+
+
 def sha256_graph(path: str | Path, files: dict[str, dict[str, Any]] | None = None) -> str:
     """sha256 over an ONNX file and its external-data file (the weights), so any weight change shows.
     ``files`` (:func:`graph_files`) supplies the per-file hashes already computed."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     known = {Path(rel).name: r["sha256"] for rel, r in (files or {}).items()}
     h = hashlib.sha256((known.get(path.name) or sha256_file(path)).encode())
     if data.exists():
@@ -386,7 +393,7 @@ def sha256_graph(path: str | Path, files: dict[str, dict[str, Any]] | None = Non
 def graph_files(path: str | Path, subdir: str) -> dict[str, dict[str, Any]]:
     """``{"<subdir>/<name>": file_record}`` for an ONNX file and its external-data file, if any."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     return {f"{subdir}/{p.name}": file_record(p) for p in (path, data) if p.exists()}
 
 
@@ -503,7 +510,7 @@ class Manifest:
                 raise ArtifactError(f"{where} does not record its own file {rel!r}", hint="re-run the stage that wrote it")
             verify_files(directory, entry["files"], where, full=full_hash)
         elif isinstance(entry.get("bytes"), int):  # manifests written before per-file records
-            data = path.with_name(path.name + ".data")
+            data = external_data_path(path)
             size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
             if size != entry["bytes"]:
                 raise ArtifactError(f"{path} (with its .data) has {size} bytes, {where} recorded {entry['bytes']}",

@@ -21,6 +21,7 @@ from pi05_export.artifacts import (
     MANIFEST_NAME,
     REPORTS_SUBDIR,
     Manifest,
+    external_data_path,
     graph_files,
     sha256_graph,
     staging_dir,
@@ -141,7 +142,7 @@ def dynamic_shapes(spec: ComponentSpec) -> dict[str, Any]:
 
 def component_entry(path: Path, spec: ComponentSpec, seconds: float) -> dict[str, Any]:
     """The manifest entry of one exported graph (shared by the onnx and quantize stages)."""
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     files = graph_files(path, ONNX_SUBDIR)
     return {
         "path": f"{ONNX_SUBDIR}/{path.name}",

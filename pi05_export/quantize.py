@@ -39,6 +39,7 @@ from pi05_export import nvfp4
 from pi05_export.artifacts import (
     MANIFEST_NAME,
     Manifest,
+    external_data_path,
     graph_files,
     load_graph,
     resolve_inside,
@@ -483,7 +484,7 @@ def runnable_onnx(path: str | Path) -> Path:
     g.initializer.extend(keep_inits + [i for i in new_inits if i.name in used or i.name in {o for n in nodes for o in n.output}])
     # fp32 weights replace DQ outputs: they are initializers now, not node outputs
     _set_opsets(model, {"trt": None})
-    data_name = out.name + ".data"
+    data_name = external_data_path(out).name
     (out.parent / data_name).unlink(missing_ok=True)
     with writing(out):
         onnx.save(model, str(out), save_as_external_data=True, location=data_name, size_threshold=1024)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pi05_export.artifacts import load_graph
+from pi05_export.artifacts import external_data_path, load_graph
 from pi05_export.components import Component, ComponentSpec, TensorSpec
 from pi05_export.errors import ArtifactError, first_line
 
@@ -120,7 +120,7 @@ def emulation_copy(src: Path, dst: Path, precision: str) -> Path:
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
-    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    onnx.save(model, str(dst), save_as_external_data=True, location=external_data_path(dst).name)
     return dst
 
 
