@@ -470,10 +470,10 @@ class Manifest:
             value = getattr(manifest, name)
             if not isinstance(value, types) or isinstance(value, bool) and int in types:
                 want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-                raise ArtifactError(f"{path}: field {name!r} is {type(value).__name__} {value!r:.60}, expected {want}", hint=hint)
+                raise ArtifactError(f"{path}: field {name!r} is {type(value).__name__} {value!r:.60}, expected {want}", hint=broken)
         bad = next((k for k, v in manifest.components.items() if not isinstance(v, dict)), None)
         if bad is not None:
-            raise ArtifactError(f"{path}: component {bad!r} is not a mapping", hint=hint)
+            raise ArtifactError(f"{path}: component {bad!r} is not a mapping", hint=broken)
         if manifest.schema_version != SCHEMA_VERSION:
             raise ArtifactError(
                 f"{path} has schema version {manifest.schema_version}, this tool reads {SCHEMA_VERSION}",
