@@ -297,6 +297,8 @@ class _Stages:
     notes: dict[str, str]
     #: whole inferences (compiled / graph backends); None: the stages are called one by one
     sampler: Sampler | None = None
+    #: time [B] -> ``denoise``'s second argument (:attr:`StageFns.condition`); None: the time itself
+    condition: Callable[[Any], Any] | None = None
 
 
 def _time_calls(fn: Callable[[], Any], *, warmup: int, iters: int, cuda: bool) -> list[float]:
@@ -328,9 +330,9 @@ def sample_with(stages: _Stages, inp: dict[str, Any], grid: Sequence[Any]) -> An
 
     if stages.sampler is not None:
         return stages.sampler.sample(inp, len(grid))
-    kv, pm = StageFns(stages.vision, stages.llm, stages.denoise).encode(
-        inp["pixel_values"], inp["image_mask"], inp["tokens"], inp["token_mask"])
-    return denoise_loop(stages.denoise, inp["noise"], grid, kv, pm)
+    fns = StageFns(stages.vision, stages.llm, stages.denoise, stages.condition)
+    kv, pm = fns.encode(inp["pixel_values"], inp["image_mask"], inp["tokens"], inp["token_mask"])
+    return denoise_loop(stages.denoise, inp["noise"], fns.step_inputs(grid), kv, pm)
 
 
 def _eager_stages(model: Any, cuda: bool) -> _Stages:
@@ -369,7 +371,11 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
 
     Every backend but eager ``torch`` also gets a :class:`~pi05_export.runtime.sampler.Sampler` for whole
     inferences (on the graph backends: one encode graph and one denoise-loop graph, ``embed_suffix`` and
-    the Euler update inside, the time frequencies in a device buffer)."""
+    the Euler update inside, the time frequencies in a device buffer), and runs the runtime's form of the
+    model: :func:`~pi05_export.model.gemma.fuse_projections` on both Gemma stacks (this mutates ``model``;
+    the same dot products) and the expert's adaRMS modulations computed once per
+    step count (:meth:`~pi05_export.model.pi05.Pi05Model.time_modulations`) instead of in every step."""
+    from pi05_export.model.gemma import fuse_projections
     from pi05_export.runtime.sampler import GraphedCall, Sampler, StageFns
 
     stages = _eager_stages(model, cuda)
@@ -387,25 +393,38 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
     if backend == "torch":
         stages.sampler = Sampler(StageFns(vision, llm, denoise), inp, graphs=False)
         return stages
+    fused = fuse_projections(model.llm) + fuse_projections(model.expert)
+
+    def condition(t: torch.Tensor) -> torch.Tensor:
+        return model.time_modulations(t, freq)  # type: ignore[no-any-return]
+
+    def denoise_modulated(x: torch.Tensor, mods: torch.Tensor, kv: torch.Tensor, pm: torch.Tensor) -> torch.Tensor:
+        return model.denoise_step_modulated(x, mods, kv, pm)  # type: ignore[no-any-return]
+
+    denoise = denoise_modulated
     emb = vision(inp["pixel_values"])
     llm_args = (emb.reshape(b, -1, emb.shape[-1]), inp["image_mask"], inp["tokens"], inp["token_mask"])
     kv, pm = llm(*llm_args)
+    mods0 = condition(t0)
     if compile_:
         vision = compile_stage(vision, "vision", (inp["pixel_values"],), notes, cuda=cuda, compiler=compiler)
         llm = compile_stage(llm, "llm", llm_args, notes, cuda=cuda, compiler=compiler)
-        denoise = compile_stage(denoise, "denoise", (inp["noise"], t0, kv, pm), notes, cuda=cuda, compiler=compiler)
-    sampler = Sampler(StageFns(vision, llm, denoise), inp, graphs=graph)
+        denoise = compile_stage(denoise, "denoise", (inp["noise"], mods0, kv, pm), notes, cuda=cuda, compiler=compiler)
+    for c, what in (("llm", f"fused q/k/v and gate/up ({fused} groups in both stacks)"),
+                    ("denoise", "adaRMS modulations precomputed per step count, fused q/k/v and gate/up")):
+        notes[c] = f"{notes[c]} + {what}" if c in notes else what
+    sampler = Sampler(StageFns(vision, llm, denoise, condition), inp, graphs=graph)
     if not graph or not component_graphs:  # the policy runtime only runs whole inferences (the sampler)
-        return _Stages(vision, llm, denoise, cuda, notes, sampler)
+        return _Stages(vision, llm, denoise, cuda, notes, sampler, condition)
     # Per-component graphs, for the component timings only (whole inferences replay the sampler's graphs).
     g_vision = GraphedCall(vision, [inp["pixel_values"]])
     out = g_vision.out
     g_llm = GraphedCall(llm, [out.reshape(b, -1, out.shape[-1]), inp["image_mask"], inp["tokens"], inp["token_mask"]])
-    g_denoise = GraphedCall(denoise, [inp["noise"].clone(), t0.clone(), *g_llm.out])
+    g_denoise = GraphedCall(denoise, [inp["noise"].clone(), mods0, *g_llm.out])
     for c in BENCH_COMPONENTS:
         notes[c] = f"{notes[c]} + CUDA graph" if c in notes else "CUDA graph"
     notes["end_to_end"] = sampler.launches_per_inference
-    return _Stages(g_vision, g_llm, g_denoise, cuda, notes, sampler)
+    return _Stages(g_vision, g_llm, g_denoise, cuda, notes, sampler, condition)
 
 
 def _runtime_stages(backend: str, artifacts: Path) -> tuple[_Stages, Pi05Config, str]:
@@ -595,6 +614,8 @@ def _measure(stages: _Stages, inp: dict[str, Any], grids: dict[int, list[Any]], 
     llm_args = (emb, inp["image_mask"], inp["tokens"], inp["token_mask"])
     kv, pm = stages.llm(*llm_args)
     t = grids[max(grids)][0]
+    if stages.condition is not None:  # the step's precomputed time inputs, as the denoise loop passes them
+        t = stages.condition(t)
     out: dict[str, Any] = {}
     log.info("timing vision")
     out["vision"] = summarize(_time_calls(lambda: stages.vision(inp["pixel_values"]), warmup=warmup, iters=iters, cuda=cuda))

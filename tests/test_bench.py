@@ -119,17 +119,17 @@ def test_cli_json_line_and_steps_sweep(capsys):
     assert result["memory"]["peak_mib"] > 0
 
 
-def test_compile_failure_falls_back_with_a_logged_reason(tiny_model, caplog):
+def test_compile_failure_falls_back_with_a_logged_reason(fresh_tiny_model, caplog):
     def broken_compiler(fn):
         def compiled(*args):
             raise RuntimeError("inductor exploded\nsecond line")
         return compiled
 
     with caplog.at_level(logging.WARNING, logger="pi05_export.bench"):
-        result = run_benchmark(tiny_model, backend="torch-compile", steps="2", warmup=0, iters=1, dtype="fp32",
+        result = run_benchmark(fresh_tiny_model, backend="torch-compile", steps="2", warmup=0, iters=1, dtype="fp32",
                                device="cpu", compiler=broken_compiler)
     for c in BENCH_COMPONENTS:
-        assert result.stages[c] == "eager (torch.compile failed: RuntimeError: inductor exploded)"
+        assert result.stages[c].startswith("eager (torch.compile failed: RuntimeError: inductor exploded)")
         assert f"torch.compile failed for {c}" in caplog.text
     assert result.check is not None and result.check["max_abs"] == 0.0
 
@@ -172,7 +172,7 @@ def test_missing_artifacts_manifest(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_torch_compile_on_cpu(tiny_model):
-    result = run_benchmark(tiny_model, backend="torch-compile", steps="2", warmup=1, iters=2, dtype="fp32", device="cpu")
+def test_real_torch_compile_on_cpu(fresh_tiny_model):
+    result = run_benchmark(fresh_tiny_model, backend="torch-compile", steps="2", warmup=1, iters=2, dtype="fp32", device="cpu")
     assert all(result.stages[c].startswith("torch.compile") for c in BENCH_COMPONENTS), result.stages
     assert result.check["max_abs"] < 1e-4

@@ -13,7 +13,7 @@ from pi05_export.config import Pi05Config
 from pi05_export.metrics import compare, describe
 from pi05_export.model.pi05 import Pi05Model, apply_dtype_policy
 from pi05_export.observation import random_observation
-from tests.tolerances import REF_ATOL
+from tests.tolerances import BATCH_ORDER_ATOL, REF_ATOL
 
 KEYS_TSV = Path(__file__).parent / "data" / "pi05_state_dict_keys.tsv"
 
@@ -171,3 +171,42 @@ def test_explicit_dims_config_from_issue():
     obs = random_observation(cfg, batch=1, seed=1).torch()
     out = _sample(model, obs)
     assert out.shape == (1, 10, 32) and torch.isfinite(out).all()
+
+
+def test_runtime_form_changes_no_value(fresh_tiny_model):
+    """The torch runtime's form of the model (fused q/k/v and gate/up, adaRMS modulations computed once per
+    step count) keeps the state_dict and gives the plain model's KV cache and v_t (reordering noise only)."""
+    import copy
+
+    from pi05_export.model.gemma import FUSED, fuse_projections
+
+    model, cfg = fresh_tiny_model, fresh_tiny_model.config
+    plain = copy.deepcopy(model)
+    assert fuse_projections(model.llm) + fuse_projections(model.expert) == 2 * (cfg.llm.depth + cfg.expert.depth)
+    assert fuse_projections(model.expert) == 0, "fusing twice must be a no-op"
+    sd, ref_sd = model.state_dict(), plain.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    attn = model.expert.layers[0].self_attn  # parameters are row blocks of the fused matrix: no extra memory
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == getattr(attn, FUSED).untyped_storage().data_ptr()
+    obs = _obs_tensors(cfg)
+    t = torch.tensor([0.7, 0.7])
+    with torch.no_grad():
+        kv, pm = model.encode_observation(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"])
+        kv_ref, pm_ref = plain.encode_observation(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"])
+        _assert_close(kv, kv_ref, BATCH_ORDER_ATOL, "KV cache, fused vs plain")
+        mods = model.time_modulations(t)
+        assert mods.shape == (2 * cfg.expert.depth + 1, 2, 3 * cfg.expert.width) and mods.dtype == torch.float32
+        v = model.denoise_step_modulated(obs["noise"], mods, kv, pm)
+        _assert_close(v, plain.denoise_step(obs["noise"], t, kv_ref, pm_ref), BATCH_ORDER_ATOL, "v_t, runtime form vs plain")
+        # the same values as the step computes for itself: bitwise on the same kernels
+        assert torch.equal(v, model.denoise_step(obs["noise"], t, kv, pm))
+    with pytest.raises(TypeError, match="adaRMS"):
+        model.llm.time_modulations(torch.zeros(2, cfg.expert.width))
+
+
+def test_fusion_leaves_guarded_layers_alone(fresh_tiny_model):
+    """--keep-fp32 casts are forward hooks on every Linear: a fused GEMM would skip them, so nothing fuses."""
+    from pi05_export.model.gemma import fuse_projections
+
+    model = apply_dtype_policy(fresh_tiny_model, torch.bfloat16, keep_fp32=["*.language_model.layers.0.mlp.down_proj"])
+    assert fuse_projections(model.llm) == 0 and fuse_projections(model.expert) == 0

@@ -48,9 +48,19 @@ class AdaRMSNorm(nn.Module):
         nn.init.zeros_(self.dense.weight)
         nn.init.zeros_(self.dense.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mod = self.dense(cond.to(self.dense.weight.dtype)).float()[:, None, :]
-        scale, shift, gate = mod.chunk(3, dim=-1)
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """``dense(cond)``: the condition [B, cond_dim] -> ``[scale | shift | gate]`` float32 [B, 3 * dim]."""
+        return self.dense(cond.to(self.dense.weight.dtype)).float()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
+                modulation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] and either ``cond`` [B, cond_dim] or its precomputed :meth:`modulation` [B, 3 * dim]
+        -> (normed x [B, T, dim] in x's dtype, gate [B, 1, dim] in x's dtype). Raises ValueError with neither."""
+        if modulation is None:
+            if cond is None:
+                raise ValueError("AdaRMSNorm needs its condition or its precomputed modulation")
+            modulation = self.modulation(cond)
+        scale, shift, gate = modulation[:, None, :].chunk(3, dim=-1)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         y = y * (1.0 + scale) + shift

@@ -8,6 +8,7 @@ V of the prefix. The expert reads it and never writes it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pi05_export.config import GemmaConfig
@@ -32,15 +33,17 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        fused = getattr(self, FUSED, None)
+        if fused is not None:  # fuse_projections: one GEMM for gate and up
+            gate, up = F.linear(x, fused).chunk(2, dim=-1)
+            return self.down_proj(gelu_tanh(gate) * up)  # type: ignore[no-any-return]
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]
 
 
-
-
-def _norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None,
+          modulation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(norm, AdaRMSNorm):
-        assert cond is not None, "adaRMS norm needs its condition"
-        return norm(x, cond)
+        return norm(x, cond, modulation=modulation)  # type: ignore[no-any-return]
     return norm(x), None
 
 
@@ -65,23 +68,30 @@ class GemmaDecoderLayer(nn.Module):
             self.input_layernorm = AdaRMSNorm(cfg.width, cond_dim, cfg.eps)
             self.post_attention_layernorm = AdaRMSNorm(cfg.width, cond_dim, cfg.eps)
 
-    def pre_attention(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _norm(self.input_layernorm, x, cond)
+    def pre_attention(self, x: torch.Tensor, cond: torch.Tensor | None,
+                      modulation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _norm(self.input_layernorm, x, cond, modulation)
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Post-RoPE q [B, Hq, T, D] and k, v [B, Hkv, T, D]."""
         b, t, _ = h.shape
         c, a = self.cfg, self.self_attn
-        q = a.q_proj(h).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = a.v_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        fused = getattr(a, FUSED, None)
+        if fused is not None:  # fuse_projections: one GEMM for q, k and v
+            qf, kf, vf = F.linear(h, fused).split([c.q_width, c.kv_width, c.kv_width], dim=-1)
+        else:
+            qf, kf, vf = a.q_proj(h), a.k_proj(h), a.v_proj(h)
+        q = qf.reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = kf.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = vf.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def post_attention(
-        self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor | None, cond: torch.Tensor | None
+        self, x: torch.Tensor, attn: torch.Tensor, gate: torch.Tensor | None, cond: torch.Tensor | None,
+        modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = _residual(x, self.self_attn.o_proj(attn), gate)
-        h, gate = _norm(self.post_attention_layernorm, x, cond)
+        h, gate = _norm(self.post_attention_layernorm, x, cond, modulation)
         return _residual(x, self.mlp(h), gate)
 
 
@@ -123,10 +133,30 @@ class GemmaModel(nn.Module):
                 x = layer.post_attention(x, attend(q, k, v, bias, self.cfg.head_dim**-0.5), None, None)
         return torch.stack(caches)
 
+    def time_modulations(self, cond: torch.Tensor) -> torch.Tensor:
+        """Every adaRMS norm's ``dense(cond)`` of this (expert) stack, stacked in the order the forward pass
+        reads them: layer i's ``input_layernorm`` at 2i, its ``post_attention_layernorm`` at 2i+1, the final
+        ``norm`` last. cond [B, cond_dim] -> float32 [2 * depth + 1, B, 3 * width]. Raises TypeError for a
+        stack with plain RMSNorms (the prefix LLM)."""
+        if not isinstance(self.norm, AdaRMSNorm):
+            raise TypeError("time_modulations needs the adaRMS (expert) stack")
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return torch.stack([n.modulation(cond) for n in [*norms, self.norm]])
+
     def suffix_hidden(
-        self, embeds: torch.Tensor, cond: torch.Tensor, kv_cache: torch.Tensor, prefix_mask: torch.Tensor
+        self, embeds: torch.Tensor, cond: torch.Tensor | None, kv_cache: torch.Tensor, prefix_mask: torch.Tensor,
+        modulations: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Expert pass over the H suffix tokens attending the prefix cache -> final-norm hidden [B, H, W]."""
+        """Expert pass over the H suffix tokens attending the prefix cache -> final-norm hidden [B, H, W].
+
+        Either ``cond`` [B, cond_dim] (each adaRMS norm applies its dense) or ``modulations``, the
+        :meth:`time_modulations` of that cond computed beforehand (then ``cond`` is not read)."""
+        if modulations is None:
+            if cond is None:
+                raise ValueError("suffix_hidden needs the adaRMS condition or its precomputed modulations")
+            mods: list[torch.Tensor | None] = [None] * (2 * len(self.layers) + 1)
+        else:
+            mods = list(modulations.unbind(0))
         num_valid = prefix_mask.to(torch.int32).sum(-1, keepdim=True, dtype=torch.int32)  # [B, 1]
         h_len = embeds.shape[1]
         positions = num_valid + torch.arange(h_len, dtype=torch.int32, device=embeds.device)[None, :]
@@ -136,9 +166,51 @@ class GemmaModel(nn.Module):
         x = embeds.to(self.dtype)
         kv_cache = kv_cache.to(self.dtype)
         for i, layer in enumerate(self.layers):
-            h, gate = layer.pre_attention(x, cond)
+            h, gate = layer.pre_attention(x, cond, mods[2 * i])
             q, k, v = layer.qkv(h, cos, sin)
             k = torch.cat([kv_cache[i, 0], k], dim=2)
             v = torch.cat([kv_cache[i, 1], v], dim=2)
-            x = layer.post_attention(x, attend(q, k, v, bias, self.cfg.head_dim**-0.5), gate, cond)
-        return _norm(self.norm, x, cond)[0]
+            x = layer.post_attention(x, attend(q, k, v, bias, self.cfg.head_dim**-0.5), gate, cond, mods[2 * i + 1])
+        return _norm(self.norm, x, cond, mods[-1])[0]
+
+
+#: the attribute (a non-persistent buffer) holding a module's fused projection matrix, see fuse_projections
+FUSED = "fused_weight"
+
+
+def fuse_projections(stack: GemmaModel) -> int:
+    """Fuse each layer's ``q_proj``/``k_proj``/``v_proj`` into one matrix and ``gate_proj``/``up_proj`` into
+    another, so that a layer runs two GEMMs where it ran five (the action expert's steps are small GEMMs at
+    batch 1, where the launch and the tile count matter more than the bytes). The original parameters are
+    re-pointed at row blocks of the fused matrix: no extra memory, the ``state_dict`` is unchanged and the
+    unfused code path still reads the same values. Each output element is the same dot product (bitwise
+    equal where the GEMM accumulates in the same order; otherwise reordering noise).
+
+    A runtime step, after the model is on its final device and dtype (``.to()`` afterwards copies the
+    fused matrix and the parameters separately). Layers whose projections are not plain bias-free
+    ``nn.Linear`` of one dtype and device, or carry forward hooks (the ``--keep-fp32`` casts), are left
+    unfused. Returns the number of fused groups.
+    """
+    with torch.no_grad(), torch.inference_mode(False):  # plain tensors, also when called under inference_mode
+        return sum(_fuse_layer(owner, names) for layer in stack.layers
+                   for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))))
+
+
+def _fuse_layer(owner: nn.Module, names: tuple[str, ...]) -> int:
+    mods = [getattr(owner, n) for n in names]
+    if getattr(owner, FUSED, None) is not None or not _fusable(mods):
+        return 0
+    weight = torch.cat([m.weight.detach() for m in mods], dim=0)
+    start = 0
+    for m in mods:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start:start + rows]
+        start += rows
+    owner.register_buffer(FUSED, weight, persistent=False)
+    return 1
+
+
+def _fusable(mods: list[nn.Module]) -> bool:
+    w0 = mods[0].weight
+    return all(type(m) is nn.Linear and m.bias is None and not m._forward_pre_hooks and not m._forward_hooks
+               and m.weight.dtype == w0.dtype and m.weight.device == w0.device for m in mods)

@@ -111,10 +111,23 @@ class Pi05Model(nn.Module):
         """Noisy actions [B, H, A] and time [B] -> (suffix_embeds [B, H, W], adarms_cond [B, W]), fp32.
 
         ``time_freq``: :attr:`time_freq` already on the device (float32 [W/2]), for CUDA graph capture."""
-        suffix = self.action_in_proj(x_t.float())
+        return self.action_in_proj(x_t.float()), self.time_condition(t, time_freq)
+
+    def time_condition(self, t: torch.Tensor, time_freq: torch.Tensor | None = None) -> torch.Tensor:
+        """Time [B] -> the expert's adaRMS condition [B, W] fp32: sin-cos embedding, then
+        ``silu(time_mlp_out(silu(time_mlp_in(.))))`` (openpi ``pi0.py`` ``embed_suffix``, pi05 branch)."""
         emb = sinusoidal_time_embedding(t, self.time_freq if time_freq is None else time_freq)
-        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
-        return suffix, cond
+        return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
+
+    def time_modulations(self, t: torch.Tensor, time_freq: torch.Tensor | None = None) -> torch.Tensor:
+        """Time [B] -> every adaRMS modulation of the expert, float32 [2 * depth + 1, B, 3 * W]
+        (:meth:`GemmaModel.time_modulations` of :meth:`time_condition`).
+
+        They depend on the time alone, and the Euler steps' times are fixed by the step count, so a
+        runtime computes them once per step count and each step skips the time MLP and the 2 * depth + 1
+        adaRMS ``dense`` layers (fp32 [W, 3W] each: about 40% of the expert's weight bytes per step).
+        """
+        return self.expert.time_modulations(self.time_condition(t, time_freq))
 
     def expert_hidden(
         self, suffix_embeds: torch.Tensor, adarms_cond: torch.Tensor, kv_cache: torch.Tensor, prefix_mask: torch.Tensor
@@ -129,6 +142,13 @@ class Pi05Model(nn.Module):
         """One flow-matching velocity evaluation v_t [B, H, A] (fp32); ``time_freq`` as in :meth:`embed_suffix`."""
         suffix, cond = self.embed_suffix(x_t, t, time_freq)
         return self.project_velocity(self.expert_hidden(suffix, cond, kv_cache, prefix_mask))
+
+    def denoise_step_modulated(self, x_t: torch.Tensor, modulations: torch.Tensor, kv_cache: torch.Tensor,
+                               prefix_mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`denoise_step` with the step's :meth:`time_modulations` [2 * depth + 1, B, 3W] computed
+        beforehand: the same v_t [B, H, A] fp32, by the same operations on the same values."""
+        hidden = self.expert.suffix_hidden(self.action_in_proj(x_t.float()), None, kv_cache, prefix_mask, modulations)
+        return self.project_velocity(hidden)
 
     # -- full pipeline --------------------------------------------------------------------------
     def encode_observation(

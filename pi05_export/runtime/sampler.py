@@ -68,11 +68,12 @@ class GraphedCall:
         return self.out
 
 
-def denoise_loop(denoise: Callable[..., torch.Tensor], noise: torch.Tensor, grid: Sequence[torch.Tensor],
+def denoise_loop(denoise: Callable[..., torch.Tensor], noise: torch.Tensor, grid: Sequence[Any],
                  kv_cache: torch.Tensor, prefix_mask: torch.Tensor) -> torch.Tensor:
     """``len(grid)`` Euler steps from t=1 (``noise`` [B, H, A]) to t=0, fp32: ``x += dt * v_t`` with
     ``dt = -1/len(grid)`` and ``grid`` the per-step times [B] (:func:`pi05_export.bench.time_grid`,
-    accumulated in fp32 as openpi's ``sample_actions`` does). Returns actions float32 [B, H, A]; torch
+    accumulated in fp32 as openpi's ``sample_actions`` does) or what ``denoise`` takes in their place
+    (:meth:`StageFns.step_inputs`). Returns actions float32 [B, H, A]; torch
     tensors or (exported graphs on ONNX Runtime) numpy float32 arrays alike."""
     x = noise.float() if isinstance(noise, torch.Tensor) else noise
     dt = -1.0 / len(grid)
@@ -86,12 +87,19 @@ class StageFns:
     """The model's parts as called by the sampler (eager or ``torch.compile``d, never graphed here).
 
     ``vision``: pixel_values [B*V, 3, S, S] -> image_embeds [B*V, N, D]; ``llm``: (image_embeds [B, V*N, D],
-    image_mask, tokens, token_mask) -> (KV cache, prefix_mask); ``denoise``: (x_t, t, KV cache,
-    prefix_mask) -> v_t [B, H, A] fp32, with the time frequencies already on the device."""
+    image_mask, tokens, token_mask) -> (KV cache, prefix_mask); ``denoise``: (x_t, c, KV cache,
+    prefix_mask) -> v_t [B, H, A] fp32, where ``c`` is the step's time [B] or, with ``condition``,
+    ``condition(t)``: what the step needs of its time, computed once per step count outside the loop
+    (the expert's adaRMS modulations, :meth:`pi05_export.model.pi05.Pi05Model.time_modulations`)."""
 
     vision: Callable[..., Any]
     llm: Callable[..., Any]
     denoise: Callable[..., torch.Tensor]
+    condition: Callable[[torch.Tensor], Any] | None = None
+
+    def step_inputs(self, grid: Sequence[Any]) -> list[Any]:
+        """The per-step second argument of ``denoise`` for the times ``grid`` (:func:`denoise_loop`)."""
+        return [self.condition(t) for t in grid] if self.condition is not None else list(grid)
 
     def encode(self, pixel_values: torch.Tensor, image_mask: torch.Tensor, tokens: torch.Tensor,
                token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +130,13 @@ class SampleSlot:
             if not same_tensor(self.inputs[k], batch[k]):
                 self.inputs[k].copy_(batch[k], non_blocking=True)
 
-    def grid(self, steps: int) -> list[torch.Tensor]:
+    def grid(self, steps: int) -> list[Any]:
+        """The ``steps`` Euler steps' denoise inputs (:meth:`StageFns.step_inputs`), made once per step count
+        on this slot's device (static buffers of its denoise graph)."""
         if steps not in self._grids:
             from pi05_export.bench import time_grid
 
-            self._grids[steps] = [t.to(self.device) for t in time_grid(steps, self.batch)]
+            self._grids[steps] = self.fns.step_inputs([t.to(self.device) for t in time_grid(steps, self.batch)])
         return self._grids[steps]
 
     def encode(self) -> None:
