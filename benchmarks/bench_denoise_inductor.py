@@ -24,7 +24,7 @@ import time
 import torch
 
 from pi05_export.bench import bench_inputs, load_bench_model, summarize, time_grid
-from pi05_export.model.gemma import fuse_projections
+from pi05_export.model.pi05 import fuse_projections
 from pi05_export.runtime.sampler import GraphedCall, denoise_loop
 
 VARIANTS = ("plain", "modulations", "fused", "runtime")

@@ -178,16 +178,19 @@ def test_runtime_form_changes_no_value(fresh_tiny_model):
     step count) keeps the state_dict and gives the plain model's KV cache and v_t (reordering noise only)."""
     import copy
 
-    from pi05_export.model.gemma import FUSED, fuse_projections
+    from pi05_export.model.common import FUSED_BIAS, FUSED_WEIGHT
+    from pi05_export.model.pi05 import fuse_projections
 
     model, cfg = fresh_tiny_model, fresh_tiny_model.config
     plain = copy.deepcopy(model)
-    assert fuse_projections(model.llm) + fuse_projections(model.expert) == 2 * (cfg.llm.depth + cfg.expert.depth)
-    assert fuse_projections(model.expert) == 0, "fusing twice must be a no-op"
+    assert fuse_projections(model) == 2 * (cfg.llm.depth + cfg.expert.depth) + cfg.vision.depth
+    assert fuse_projections(model) == 0, "fusing twice must be a no-op"
     sd, ref_sd = model.state_dict(), plain.state_dict()
     assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
     attn = model.expert.layers[0].self_attn  # parameters are row blocks of the fused matrix: no extra memory
-    assert attn.k_proj.weight.untyped_storage().data_ptr() == getattr(attn, FUSED).untyped_storage().data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == getattr(attn, FUSED_WEIGHT).untyped_storage().data_ptr()
+    siglip = model.vision.encoder.layers[0].self_attn  # with its biases
+    assert siglip.v_proj.bias.untyped_storage().data_ptr() == getattr(siglip, FUSED_BIAS).untyped_storage().data_ptr()
     obs = _obs_tensors(cfg)
     t = torch.tensor([0.7, 0.7])
     with torch.no_grad():
@@ -206,7 +209,7 @@ def test_runtime_form_changes_no_value(fresh_tiny_model):
 
 def test_fusion_leaves_guarded_layers_alone(fresh_tiny_model):
     """--keep-fp32 casts are forward hooks on every Linear: a fused GEMM would skip them, so nothing fuses."""
-    from pi05_export.model.gemma import fuse_projections
+    from pi05_export.model.pi05 import fuse_projections
 
     model = apply_dtype_policy(fresh_tiny_model, torch.bfloat16, keep_fp32=["*.language_model.layers.0.mlp.down_proj"])
-    assert fuse_projections(model.llm) == 0 and fuse_projections(model.expert) == 0
+    assert fuse_projections(model) == 0

@@ -8,6 +8,7 @@ Everything here is plain tensor code so that ``torch.onnx.export`` sees static c
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -65,6 +66,50 @@ class AdaRMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         y = y * (1.0 + scale) + shift
         return y.to(x.dtype), gate.to(x.dtype)
+
+
+#: the non-persistent buffers holding a module's fused projection (see :func:`fuse_linear_group`)
+FUSED_WEIGHT, FUSED_BIAS = "fused_weight", "fused_bias"
+
+
+def fuse_linear_group(owner: nn.Module, names: Sequence[str]) -> int:
+    """Concatenate the ``nn.Linear`` children ``names`` of ``owner`` (same input, e.g. q/k/v) into one
+    matrix (and bias), held as non-persistent buffers of ``owner``; each child's weight and bias are
+    re-pointed at their row block of it, so no memory is added, the ``state_dict`` is unchanged and the
+    unfused code path reads the same values. :func:`fused_linear` then computes all of them in one GEMM.
+
+    Left unfused (returns 0): already fused, not plain ``nn.Linear``, mixed dtype/device/bias, or forward
+    hooks (the ``--keep-fp32`` input casts, which one fused GEMM would skip). Returns 1 when fused.
+    A runtime step: call it with the model on its final device and dtype (``.to()`` afterwards copies the
+    buffers and the parameters separately: the values still agree, the memory doubles).
+    """
+    mods = [getattr(owner, n) for n in names]
+    w0 = mods[0].weight
+    if getattr(owner, FUSED_WEIGHT, None) is not None or not all(
+            type(m) is nn.Linear and not m._forward_pre_hooks and not m._forward_hooks and (m.bias is None) == (mods[0].bias is None)
+            and m.weight.dtype == w0.dtype and m.weight.device == w0.device for m in mods):
+        return 0
+    with torch.no_grad(), torch.inference_mode(False):  # plain tensors, also when called under inference_mode
+        for attr, buffer in ((FUSED_WEIGHT, "weight"), (FUSED_BIAS, "bias")):
+            parts = [getattr(m, buffer) for m in mods]
+            if parts[0] is None:
+                continue
+            fused = torch.cat([p.detach() for p in parts], dim=0)
+            start = 0
+            for p in parts:
+                p.data = fused[start:start + p.shape[0]]
+                start += p.shape[0]
+            owner.register_buffer(attr, fused, persistent=False)
+    return 1
+
+
+def fused_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ fused_weight.T + fused_bias`` for an ``owner`` fused by :func:`fuse_linear_group` (the outputs
+    of its children concatenated on the last axis), or None when ``owner`` is not fused."""
+    weight = getattr(owner, FUSED_WEIGHT, None)
+    if weight is None:
+        return None
+    return F.linear(x, weight, getattr(owner, FUSED_BIAS, None))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

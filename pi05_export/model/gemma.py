@@ -8,11 +8,19 @@ V of the prefix. The expert reads it and never writes it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pi05_export.config import GemmaConfig
-from pi05_export.model.common import AdaRMSNorm, GemmaRMSNorm, apply_rope, attend, gelu_tanh, mask_to_bias, rope_cos_sin
+from pi05_export.model.common import (
+    AdaRMSNorm,
+    GemmaRMSNorm,
+    apply_rope,
+    attend,
+    fused_linear,
+    gelu_tanh,
+    mask_to_bias,
+    rope_cos_sin,
+)
 
 
 class GemmaAttention(nn.Module):
@@ -33,9 +41,9 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = getattr(self, FUSED, None)
+        fused = fused_linear(self, x)
         if fused is not None:  # fuse_projections: one GEMM for gate and up
-            gate, up = F.linear(x, fused).chunk(2, dim=-1)
+            gate, up = fused.chunk(2, dim=-1)
             return self.down_proj(gelu_tanh(gate) * up)  # type: ignore[no-any-return]
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]
 
@@ -76,9 +84,9 @@ class GemmaDecoderLayer(nn.Module):
         """Post-RoPE q [B, Hq, T, D] and k, v [B, Hkv, T, D]."""
         b, t, _ = h.shape
         c, a = self.cfg, self.self_attn
-        fused = getattr(a, FUSED, None)
+        fused = fused_linear(a, h)
         if fused is not None:  # fuse_projections: one GEMM for q, k and v
-            qf, kf, vf = F.linear(h, fused).split([c.q_width, c.kv_width, c.kv_width], dim=-1)
+            qf, kf, vf = fused.split([c.q_width, c.kv_width, c.kv_width], dim=-1)
         else:
             qf, kf, vf = a.q_proj(h), a.k_proj(h), a.v_proj(h)
         q = qf.reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)
@@ -173,44 +181,3 @@ class GemmaModel(nn.Module):
             x = layer.post_attention(x, attend(q, k, v, bias, self.cfg.head_dim**-0.5), gate, cond, mods[2 * i + 1])
         return _norm(self.norm, x, cond, mods[-1])[0]
 
-
-#: the attribute (a non-persistent buffer) holding a module's fused projection matrix, see fuse_projections
-FUSED = "fused_weight"
-
-
-def fuse_projections(stack: GemmaModel) -> int:
-    """Fuse each layer's ``q_proj``/``k_proj``/``v_proj`` into one matrix and ``gate_proj``/``up_proj`` into
-    another, so that a layer runs two GEMMs where it ran five (the action expert's steps are small GEMMs at
-    batch 1, where the launch and the tile count matter more than the bytes). The original parameters are
-    re-pointed at row blocks of the fused matrix: no extra memory, the ``state_dict`` is unchanged and the
-    unfused code path still reads the same values. Each output element is the same dot product (bitwise
-    equal where the GEMM accumulates in the same order; otherwise reordering noise).
-
-    A runtime step, after the model is on its final device and dtype (``.to()`` afterwards copies the
-    fused matrix and the parameters separately). Layers whose projections are not plain bias-free
-    ``nn.Linear`` of one dtype and device, or carry forward hooks (the ``--keep-fp32`` casts), are left
-    unfused. Returns the number of fused groups.
-    """
-    with torch.no_grad(), torch.inference_mode(False):  # plain tensors, also when called under inference_mode
-        return sum(_fuse_layer(owner, names) for layer in stack.layers
-                   for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))))
-
-
-def _fuse_layer(owner: nn.Module, names: tuple[str, ...]) -> int:
-    mods = [getattr(owner, n) for n in names]
-    if getattr(owner, FUSED, None) is not None or not _fusable(mods):
-        return 0
-    weight = torch.cat([m.weight.detach() for m in mods], dim=0)
-    start = 0
-    for m in mods:
-        rows = m.weight.shape[0]
-        m.weight.data = weight[start:start + rows]
-        start += rows
-    owner.register_buffer(FUSED, weight, persistent=False)
-    return 1
-
-
-def _fusable(mods: list[nn.Module]) -> bool:
-    w0 = mods[0].weight
-    return all(type(m) is nn.Linear and m.bias is None and not m._forward_pre_hooks and not m._forward_hooks
-               and m.weight.dtype == w0.dtype and m.weight.device == w0.device for m in mods)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pi05_export.config import SiglipConfig
-from pi05_export.model.common import attend, gelu_tanh
+from pi05_export.model.common import attend, fused_linear, gelu_tanh
 
 
 class SiglipEmbeddings(nn.Module):
@@ -36,9 +36,11 @@ class SiglipAttention(nn.Module):
         n, t, _ = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
-            return y.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+            return y.reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = attend(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), None, self.head_dim**-0.5)
+        fused = fused_linear(self, x)  # fuse_projections: one GEMM for q, k and v
+        q, k, v = fused.chunk(3, dim=-1) if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        out = attend(heads(q), heads(k), heads(v), None, self.head_dim**-0.5)
         return self.out_proj(out)
 
 
