@@ -176,3 +176,14 @@ def test_real_torch_compile_on_cpu(fresh_tiny_model):
     result = run_benchmark(fresh_tiny_model, backend="torch-compile", steps="2", warmup=1, iters=2, dtype="fp32", device="cpu")
     assert all(result.stages[c].startswith("torch.compile") for c in BENCH_COMPONENTS), result.stages
     assert result.check["max_abs"] < 1e-4
+
+
+def test_runtime_form_in_bf16_with_steps_table(fresh_tiny_model):
+    """The compiled backends' runtime form (fused projections, precomputed modulations) in bf16 next to the
+    steps table's fp32 copy of the same (fused) model: the copy's cast must not run a stale bf16 fused matrix."""
+    result = run_benchmark(fresh_tiny_model, backend="torch-compile", steps="2,3", warmup=0, iters=1, dtype="bf16",
+                           device="cpu", compiler=lambda fn: fn)
+    assert "precomputed" in result.stages["denoise"] and "fused" in result.stages["vision"]
+    assert result.check["cosine"] > 0.9999
+    assert [r["steps"] for r in result.steps_table] == [10, 3, 2]
+    assert result.steps_table[0]["mse_vs_reference"] < 1e-3

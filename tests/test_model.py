@@ -207,6 +207,37 @@ def test_runtime_form_changes_no_value(fresh_tiny_model):
         model.llm.time_modulations(torch.zeros(2, cfg.expert.width))
 
 
+def test_fused_model_survives_casts_and_replaced_layers(fresh_tiny_model):
+    """A fused matrix is derived state: apply_dtype_policy (which replaces parameters) unfuses first, and a
+    fused module whose children were cast or replaced behind its back computes unfused, never stale values."""
+    import copy
+
+    from pi05_export.model.common import FUSED_WEIGHT, fused_linear
+    from pi05_export.model.pi05 import fuse_projections
+
+    model = fresh_tiny_model
+    fuse_projections(model)
+    obs = _obs_tensors(model.config)
+    with torch.no_grad():
+        want = model.sample_actions(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"], noise=obs["noise"], num_steps=2)
+        bf16 = apply_dtype_policy(copy.deepcopy(model), torch.bfloat16)
+        assert getattr(bf16.expert.layers[0].self_attn, FUSED_WEIGHT, None) is None
+        got = bf16.sample_actions(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"], noise=obs["noise"], num_steps=2)
+        assert compare(got, want)["cosine"] > 0.999
+        attn = model.expert.layers[0].self_attn
+        x = torch.randn(1, 3, model.config.expert.width)
+        assert fused_linear(attn, x) is not None
+        for p in attn.parameters():  # a cast that bypasses apply_dtype_policy
+            p.data = p.data.double()
+        assert fused_linear(attn, x.double()) is None
+        fuse_projections(model.llm)
+        mlp = model.llm.layers[0].mlp
+        mlp.up_proj = copy.deepcopy(mlp.up_proj).requires_grad_(False)  # same type, same values: still fused
+        assert fused_linear(mlp, torch.randn(1, 2, model.config.llm.width)) is not None
+        mlp.up_proj = torch.nn.Sequential(mlp.up_proj)  # another module type (as a quantizer's wrapper)
+        assert fused_linear(mlp, torch.randn(1, 2, model.config.llm.width)) is None
+
+
 def test_fusion_leaves_guarded_layers_alone(fresh_tiny_model):
     """--keep-fp32 casts are forward hooks on every Linear: a fused GEMM would skip them, so nothing fuses."""
     from pi05_export.model.pi05 import fuse_projections

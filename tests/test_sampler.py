@@ -102,3 +102,25 @@ def test_runtime_form_stream_equals_plain_sequential(fresh_tiny_model):
     slot = stages.sampler.slots[0]  # one [2*depth+1, B, 3W] modulation tensor per step, made once
     assert [m.shape for m in slot.grid(3)] == [(2 * cfg.expert.depth + 1, 2, 3 * cfg.expert.width)] * 3
     assert slot.grid(3) is slot.grid(3)
+
+
+def test_stream_runs_one_inference_per_observation(tiny_model):
+    """Slots are prepared (captured / warmed up) once per step count: a later stream of n observations runs
+    exactly n encodes and n denoise loops, not two extra inferences for the preparation."""
+    cfg = tiny_model.config
+    calls = {"encode": 0, "denoise": 0}
+
+    def llm(*a):
+        calls["encode"] += 1
+        return tiny_model.prefix_kv_cache(*a)
+
+    def denoise(x, t, kv, pm):
+        calls["denoise"] += 1
+        return tiny_model.denoise_step(x, t, kv, pm)
+
+    sampler = Sampler(StageFns(tiny_model.embed_images, llm, denoise), bench_inputs(cfg, 1, seed=0), graphs=False)
+    with torch.inference_mode():
+        list(sampler.sample_stream(_stream(cfg, 2, batch=1), 2))
+        calls.update(encode=0, denoise=0)
+        assert len(list(sampler.sample_stream(_stream(cfg, 3, batch=1), 2))) == 3
+    assert calls == {"encode": 3, "denoise": 3 * 2}

@@ -100,15 +100,32 @@ def fuse_linear_group(owner: nn.Module, names: Sequence[str]) -> int:
                 p.data = fused[start:start + p.shape[0]]
                 start += p.shape[0]
             owner.register_buffer(attr, fused, persistent=False)
+    owner._pi05_fused_names = tuple(names)  # type: ignore[assignment]
+    return 1
+
+
+def unfuse_linear_group(owner: nn.Module) -> int:
+    """Drop ``owner``'s fused buffers (the children keep their values); returns 1 when it was fused. For code
+    that replaces parameters (a dtype cast, a quantizer): afterwards the fused matrix would be stale."""
+    if getattr(owner, FUSED_WEIGHT, None) is None:
+        return 0
+    for attr in (FUSED_WEIGHT, FUSED_BIAS):
+        owner._buffers.pop(attr, None)
     return 1
 
 
 def fused_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``x @ fused_weight.T + fused_bias`` for an ``owner`` fused by :func:`fuse_linear_group` (the outputs
-    of its children concatenated on the last axis), or None when ``owner`` is not fused."""
+    of its children concatenated on the last axis), or None when ``owner`` is not fused or its children
+    no longer match the fused matrix (replaced by another module type, or cast to another dtype/device
+    without :func:`unfuse_linear_group`): then the caller's unfused path computes the right values."""
     weight = getattr(owner, FUSED_WEIGHT, None)
     if weight is None:
         return None
+    for name in owner._pi05_fused_names:
+        child = getattr(owner, name)
+        if type(child) is not nn.Linear or child.weight.dtype != weight.dtype or child.weight.device != weight.device:
+            return None
     return F.linear(x, weight, getattr(owner, FUSED_BIAS, None))
 
 

@@ -22,6 +22,7 @@ from pi05_export.model.common import (
     mask_to_bias,
     sinusoidal_time_embedding,
     time_frequencies,
+    unfuse_linear_group,
 )
 from pi05_export.model.gemma import GemmaAttention, GemmaMLP, GemmaModel
 from pi05_export.model.siglip import Projector, SiglipAttention, VisionTower
@@ -255,6 +256,11 @@ def fuse_projections(model: nn.Module) -> int:
     return sum(fuse_linear_group(m, FUSABLE[type(m)]) for m in model.modules() if type(m) in FUSABLE)
 
 
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo :func:`fuse_projections` (drop the fused matrices; values unchanged). Returns the groups unfused."""
+    return sum(unfuse_linear_group(m) for m in model.modules() if type(m) in FUSABLE)
+
+
 # Parameters openpi keeps in fp32 under its bf16 policy (gemma_pytorch.py
 # to_bfloat16_for_selected_params, plus PI0Pytorch's own projections which are never cast).
 FP32_KEEP = (
@@ -311,6 +317,7 @@ def apply_dtype_policy(model: Pi05Model, dtype: torch.dtype, keep_fp32: Sequence
     (a forward pre-hook; a no-op where the dtypes already agree), so layers after it still run in ``dtype``.
     """
     check_keep_globs(model, keep_fp32)
+    unfuse_projections(model)  # the casts below replace parameters: a fused matrix would go stale
     for name, param in model.named_parameters():
         target = policy_dtype(name, dtype, keep_fp32)
         if param.dtype != target:

@@ -121,6 +121,7 @@ class SampleSlot:
         self._grids: dict[int, list[torch.Tensor]] = {}
         self.kv_cache: torch.Tensor | None = None
         self.prefix_mask: torch.Tensor | None = None
+        self._prepared: set[int] = set()
         # one capture stream per slot: this slot's graphs get their own cuBLAS workspace (GraphedCall)
         self._capture = torch.cuda.Stream(self.device) if graphs else None
 
@@ -162,9 +163,13 @@ class SampleSlot:
         return self._loops[steps](*args)  # type: ignore[no-any-return]
 
     def prepare(self, steps: int) -> None:
-        """Capture (or, without graphs, warm up) encode and the ``steps`` denoise graph now, not mid-stream."""
+        """Capture (or, without graphs, warm up) encode and the ``steps`` denoise graph now, not mid-stream.
+        Once per step count: a prepared slot runs nothing here (no extra inference per stream)."""
+        if steps in self._prepared:
+            return
         self.encode()
         self.denoise(steps)
+        self._prepared.add(steps)
 
 
 class Sampler:
