@@ -7,7 +7,8 @@ kernels and their summed GPU time (torch.profiler over the compiled loop outside
 
 Model forms: ``plain`` (the model as exported), ``modulations`` (the adaRMS modulations made once per step
 count, :meth:`Pi05Model.time_modulations`), ``fused`` (:func:`fuse_projections` on the expert), ``runtime``
-(both: what the torch runtime runs). ``fused`` and ``runtime`` fuse the model in place, so list them last.
+(both), ``sdpa`` (both, and attention through torch's fused SDPA kernels, :func:`use_sdpa`: what the torch
+runtime runs). The last three fuse the model in place, so list them last.
 
     python benchmarks/bench_denoise_inductor.py --preset pi05 --steps 10 --variants plain,modulations,fused,runtime
 
@@ -24,10 +25,10 @@ import time
 import torch
 
 from pi05_export.bench import bench_inputs, load_bench_model, summarize, time_grid
-from pi05_export.model.pi05 import fuse_projections
+from pi05_export.model.pi05 import fuse_projections, use_sdpa
 from pi05_export.runtime.sampler import GraphedCall, denoise_loop
 
-VARIANTS = ("plain", "modulations", "fused", "runtime")
+VARIANTS = ("plain", "modulations", "fused", "runtime", "sdpa")
 
 
 def kernel_stats(fn, steps: int) -> dict:
@@ -75,9 +76,10 @@ def main() -> None:
         for variant in args.variants.split(","):
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
-            if variant in ("fused", "runtime"):
+            if variant in ("fused", "runtime", "sdpa"):
                 fuse_projections(model.expert)
-            if variant in ("modulations", "runtime"):
+            use_sdpa(model.expert, variant == "sdpa")
+            if variant in ("modulations", "runtime", "sdpa"):
                 steps_in = [model.time_modulations(t, freq) for t in grid]
 
                 def step(x, m, k, p):

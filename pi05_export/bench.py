@@ -372,10 +372,10 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
     Every backend but eager ``torch`` also gets a :class:`~pi05_export.runtime.sampler.Sampler` for whole
     inferences (on the graph backends: one encode graph and one denoise-loop graph, ``embed_suffix`` and
     the Euler update inside, the time frequencies in a device buffer), and runs the runtime's form of the
-    model: :func:`~pi05_export.model.pi05.fuse_projections` (this mutates ``model``;
-    the same dot products) and the expert's adaRMS modulations computed once per
+    model: :func:`~pi05_export.model.pi05.fuse_projections` and :func:`~pi05_export.model.pi05.use_sdpa`
+    (these mutate ``model``; the same values up to reordering) and the expert's adaRMS modulations computed once per
     step count (:meth:`~pi05_export.model.pi05.Pi05Model.time_modulations`) instead of in every step."""
-    from pi05_export.model.pi05 import fuse_projections
+    from pi05_export.model.pi05 import fuse_projections, use_sdpa
     from pi05_export.runtime.sampler import GraphedCall, Sampler, StageFns
 
     stages = _eager_stages(model, cuda)
@@ -394,6 +394,7 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
         stages.sampler = Sampler(StageFns(vision, llm, denoise), inp, graphs=False)
         return stages
     fused = fuse_projections(model)
+    use_sdpa(model)
 
     def condition(t: torch.Tensor) -> torch.Tensor:
         return model.time_modulations(t, freq)  # type: ignore[no-any-return]
@@ -410,8 +411,8 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
         vision = compile_stage(vision, "vision", (inp["pixel_values"],), notes, cuda=cuda, compiler=compiler)
         llm = compile_stage(llm, "llm", llm_args, notes, cuda=cuda, compiler=compiler)
         denoise = compile_stage(denoise, "denoise", (inp["noise"], mods0, kv, pm), notes, cuda=cuda, compiler=compiler)
-    for c, what in (("vision", "fused q/k/v"), ("llm", f"fused q/k/v and gate/up ({fused} groups in the model)"),
-                    ("denoise", "adaRMS modulations precomputed per step count, fused q/k/v and gate/up")):
+    for c, what in (("vision", "fused q/k/v, SDPA"), ("llm", f"fused q/k/v and gate/up ({fused} groups in the model), SDPA"),
+                    ("denoise", "adaRMS modulations precomputed per step count, fused q/k/v and gate/up, SDPA")):
         notes[c] = f"{notes[c]} + {what}" if c in notes else what
     sampler = Sampler(StageFns(vision, llm, denoise, condition), inp, graphs=graph)
     if not graph or not component_graphs:  # the policy runtime only runs whole inferences (the sampler)

@@ -179,7 +179,7 @@ def test_runtime_form_changes_no_value(fresh_tiny_model):
     import copy
 
     from pi05_export.model.common import FUSED_BIAS, FUSED_WEIGHT
-    from pi05_export.model.pi05 import fuse_projections
+    from pi05_export.model.pi05 import fuse_projections, use_sdpa
 
     model, cfg = fresh_tiny_model, fresh_tiny_model.config
     plain = copy.deepcopy(model)
@@ -203,6 +203,13 @@ def test_runtime_form_changes_no_value(fresh_tiny_model):
         _assert_close(v, plain.denoise_step(obs["noise"], t, kv_ref, pm_ref), BATCH_ORDER_ATOL, "v_t, runtime form vs plain")
         # the same values as the step computes for itself: bitwise on the same kernels
         assert torch.equal(v, model.denoise_step(obs["noise"], t, kv, pm))
+        use_sdpa(model)  # and attention through torch's SDPA: padded prefix rows stay finite
+        obs["token_mask"][1, 2:] = False
+        kv, pm = model.encode_observation(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"])
+        kv_ref, pm_ref = plain.encode_observation(obs["images"], obs["image_mask"], obs["tokens"], obs["token_mask"])
+        _assert_close(kv, kv_ref, BATCH_ORDER_ATOL, "KV cache, SDPA vs explicit")
+        v = model.denoise_step_modulated(obs["noise"], model.time_modulations(t), kv, pm)
+        _assert_close(v, plain.denoise_step(obs["noise"], t, kv_ref, pm_ref), BATCH_ORDER_ATOL, "v_t, SDPA vs explicit")
     with pytest.raises(TypeError, match="adaRMS"):
         model.llm.time_modulations(torch.zeros(2, cfg.expert.width))
 

@@ -146,14 +146,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+           *, sdpa: bool = False) -> torch.Tensor:
     """Grouped-query attention without repeating K/V.
 
-    q [B, Hq, T, D]; k, v [B, Hkv, S, D]; bias [B, T, S] additive fp32 (or None).
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D]; bias [B, T, S] or [B, 1, S] additive fp32 (or None).
     Returns [B, T, Hq*D]. QK^T and PV run in the input dtype, q pre-scaled; mask and softmax in fp32.
+
+    ``sdpa``: the same attention through ``torch.nn.functional.scaled_dot_product_attention`` (a fused
+    kernel where the device has one: flash / memory-efficient attention, fp32 softmax inside, the scale
+    applied in fp32), for the torch runtime (:func:`pi05_export.model.pi05.use_sdpa`). K/V heads are
+    broadcast to the query heads as zero-stride views (no copy), and the bias is passed as an additive
+    mask in q's dtype, clamped to its finite range, so a fully masked row (a padded prefix token) gets a
+    uniform softmax as here rather than NaN. The exported graphs keep the explicit form.
     """
     b, hq, t, d = q.shape
     k, v = k.to(q.dtype), v.to(q.dtype)  # a --keep-fp32 layer's K/V may meet other layers' (no-op otherwise)
+    if sdpa:
+        hkv = k.shape[1]
+        if hkv != hq:
+            k = k[:, :, None].expand(b, hkv, hq // hkv, *k.shape[2:]).reshape(b, hq, *k.shape[2:])
+            v = v[:, :, None].expand(b, hkv, hq // hkv, *v.shape[2:]).reshape(b, hq, *v.shape[2:])
+        mask = None
+        if bias is not None:
+            mask = bias.clamp_min(torch.finfo(q.dtype).min).to(q.dtype)[:, None]  # [B, 1, T or 1, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).reshape(b, t, hq * d)
     hkv = k.shape[1]
     g = hq // hkv
     qg = q.reshape(b, hkv, g * t, d) * scale  # scale before QK^T (as JAX does): no fp16 overflow of raw logits

@@ -112,6 +112,8 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width) if cfg.vocab_size else None
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, cond_dim) for _ in range(cfg.depth))
         self.norm: nn.Module = GemmaRMSNorm(cfg.width, cfg.eps) if cond_dim is None else AdaRMSNorm(cfg.width, cond_dim, cfg.eps)
+        #: attention through torch's fused SDPA kernels (:func:`pi05_export.model.pi05.use_sdpa`); the export keeps False
+        self.sdpa = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,7 +140,7 @@ class GemmaModel(nn.Module):
             q, k, v = layer.qkv(h, cos, sin)
             caches.append(torch.stack([k, v]))
             if i + 1 < len(self.layers):
-                x = layer.post_attention(x, attend(q, k, v, bias, self.cfg.head_dim**-0.5), None, None)
+                x = layer.post_attention(x, attend(q, k, v, bias, self.cfg.head_dim**-0.5, sdpa=self.sdpa), None, None)
         return torch.stack(caches)
 
     def time_modulations(self, cond: torch.Tensor) -> torch.Tensor:
@@ -178,6 +180,7 @@ class GemmaModel(nn.Module):
             q, k, v = layer.qkv(h, cos, sin)
             k = torch.cat([kv_cache[i, 0], k], dim=2)
             v = torch.cat([kv_cache[i, 1], v], dim=2)
-            x = layer.post_attention(x, attend(q, k, v, bias, self.cfg.head_dim**-0.5), gate, cond, mods[2 * i + 1])
+            attn = attend(q, k, v, bias, self.cfg.head_dim**-0.5, sdpa=self.sdpa)
+            x = layer.post_attention(x, attn, gate, cond, mods[2 * i + 1])
         return _norm(self.norm, x, cond, mods[-1])[0]
 

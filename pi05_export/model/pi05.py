@@ -256,6 +256,16 @@ def fuse_projections(model: nn.Module) -> int:
     return sum(fuse_linear_group(m, FUSABLE[type(m)]) for m in model.modules() if type(m) in FUSABLE)
 
 
+def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
+    """Route every attention of ``model`` (SigLIP, the prefix LLM, the expert) through torch's
+    ``scaled_dot_product_attention`` (see :func:`~pi05_export.model.common.attend`): a torch runtime step,
+    the exported graphs keep the explicit form. Returns the number of modules switched."""
+    mods = [m for m in model.modules() if isinstance(m, (GemmaModel, SiglipAttention))]
+    for m in mods:
+        m.sdpa = enabled
+    return len(mods)
+
+
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections` (drop the fused matrices; values unchanged). Returns the groups unfused."""
     return sum(unfuse_linear_group(m) for m in model.modules() if type(m) in FUSABLE)

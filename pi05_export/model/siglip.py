@@ -31,6 +31,7 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.sdpa = False  # torch's fused SDPA kernels (pi05_export.model.pi05.use_sdpa); the export keeps False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, _ = x.shape
@@ -40,7 +41,7 @@ class SiglipAttention(nn.Module):
 
         fused = fused_linear(self, x)  # fuse_projections: one GEMM for q, k and v
         q, k, v = fused.chunk(3, dim=-1) if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        out = attend(heads(q), heads(k), heads(v), None, self.head_dim**-0.5)
+        out = attend(heads(q), heads(k), heads(v), None, self.head_dim**-0.5, sdpa=self.sdpa)
         return self.out_proj(out)
 
 
