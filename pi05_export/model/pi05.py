@@ -259,7 +259,12 @@ def fuse_projections(model: nn.Module) -> int:
 def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
     """Route every attention of ``model`` (SigLIP, the prefix LLM, the expert) through torch's
     ``scaled_dot_product_attention`` (see :func:`~pi05_export.model.common.attend`): a torch runtime step,
-    the exported graphs keep the explicit form. Returns the number of modules switched."""
+    the exported graphs keep the explicit form. Returns the number of modules switched.
+
+    The runtime switches SigLIP only (``use_sdpa(model.vision)``): on the H200 its unmasked attention runs on the
+    flash kernel (vision 2.91 -> 2.51 ms), while the Gemma stacks' masked attention at head_dim 256 ran on the
+    memory-efficient kernel and was slower than the explicit form (prefix 7.01 -> 7.79 ms, a denoise step
+    1.36 -> 2.14 ms; ``benchmarks/bench_denoise_inductor.py --variants runtime,sdpa`` reproduces it)."""
     mods = [m for m in model.modules() if isinstance(m, (GemmaModel, SiglipAttention))]
     for m in mods:
         m.sdpa = enabled
