@@ -7,8 +7,8 @@ kernels and their summed GPU time (torch.profiler over the compiled loop outside
 
 Model forms: ``plain`` (the model as exported), ``modulations`` (the adaRMS modulations made once per step
 count, :meth:`Pi05Model.time_modulations`), ``fused`` (:func:`fuse_projections` on the expert), ``runtime``
-(both), ``sdpa`` (both, and attention through torch's fused SDPA kernels, :func:`use_sdpa`: what the torch
-runtime runs). The last three fuse the model in place, so list them last.
+(both: what the torch runtime runs for the expert), ``sdpa`` (both, and the expert's attention through torch's
+SDPA, :func:`use_sdpa`; measured slower on the H200, so the runtime keeps it for SigLIP only). The last three fuse the model in place, so list them last.
 
     python benchmarks/bench_denoise_inductor.py --preset pi05 --steps 10 --variants plain,modulations,fused,runtime
 

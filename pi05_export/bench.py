@@ -375,6 +375,7 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
     model: :func:`~pi05_export.model.pi05.fuse_projections` and :func:`~pi05_export.model.pi05.use_sdpa`
     (these mutate ``model``; the same values up to reordering) and the expert's adaRMS modulations computed once per
     step count (:meth:`~pi05_export.model.pi05.Pi05Model.time_modulations`) instead of in every step."""
+    from pi05_export.model.common import FUSED_WEIGHT
     from pi05_export.model.pi05 import fuse_projections, use_sdpa
     from pi05_export.runtime.sampler import GraphedCall, Sampler, StageFns
 
@@ -393,7 +394,7 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
     if backend == "torch":
         stages.sampler = Sampler(StageFns(vision, llm, denoise), inp, graphs=False)
         return stages
-    fused = fuse_projections(model)
+    fuse_projections(model)
     use_sdpa(model.vision)  # unmasked SigLIP: flash attention; the masked Gemma stacks are faster explicit (H200)
 
     def condition(t: torch.Tensor) -> torch.Tensor:
@@ -411,8 +412,9 @@ def _torch_stages(model: Any, backend: str, inp: dict[str, torch.Tensor], cuda: 
         vision = compile_stage(vision, "vision", (inp["pixel_values"],), notes, cuda=cuda, compiler=compiler)
         llm = compile_stage(llm, "llm", llm_args, notes, cuda=cuda, compiler=compiler)
         denoise = compile_stage(denoise, "denoise", (inp["noise"], mods0, kv, pm), notes, cuda=cuda, compiler=compiler)
-    for c, what in (("vision", "fused q/k/v, SDPA"), ("llm", f"fused q/k/v and gate/up ({fused} groups in the model)"),
-                    ("denoise", "adaRMS modulations precomputed per step count, fused q/k/v and gate/up")):
+    fused = sum(getattr(m, FUSED_WEIGHT, None) is not None for m in model.modules())  # also fused by an earlier call
+    fusion = f"fused q/k/v and gate/up ({fused} groups in the model)" if fused else "unfused (--keep-fp32 casts)"
+    for c, what in (("vision", "fused q/k/v, SDPA" if fused else "SDPA"), ("llm", fusion), ("denoise", f"adaRMS modulations precomputed per step count, {fusion}")):
         notes[c] = f"{notes[c]} + {what}" if c in notes else what
     sampler = Sampler(StageFns(vision, llm, denoise, condition), inp, graphs=graph)
     if not graph or not component_graphs:  # the policy runtime only runs whole inferences (the sampler)
@@ -650,13 +652,14 @@ def _steps_table(model: Any, stages: _Stages, inp: dict[str, Any], steps: Sequen
     import copy
 
     from pi05_export.metrics import BASELINE_STEPS, steps_table
-    from pi05_export.model.pi05 import apply_dtype_policy
+    from pi05_export.model.pi05 import apply_dtype_policy, plain_form
 
     b = inp["tokens"].shape[0]
     dev = inp["noise"].device
     own = {n: sample_with(stages, inp, [t.to(dev) for t in time_grid(n, b)]).float().cpu().numpy()
            for n in sorted({*steps, BASELINE_STEPS})}
-    reference = apply_dtype_policy(copy.deepcopy(model), torch.float32)
+    with plain_form(model):  # the copy gets the plain model (no fused matrices to duplicate, explicit attention)
+        reference = apply_dtype_policy(copy.deepcopy(model), torch.float32)
     ref = sample_with(_eager_stages(reference, stages.cuda), inp, [t.to(dev) for t in time_grid(BASELINE_STEPS, b)])
     ref_np = ref.float().cpu().numpy()
     del reference, ref
@@ -664,11 +667,16 @@ def _steps_table(model: Any, stages: _Stages, inp: dict[str, Any], steps: Sequen
 
 
 def _check_against_eager(model: Any, stages: _Stages, inp: dict[str, Any], grid: list[Any], cuda: bool) -> dict[str, Any]:
-    ref = sample_with(_eager_stages(model, cuda), inp, grid).float()
+    """The stages' actions against the plain model run eagerly (as exported: unfused, explicit attention,
+    time conditioning inside each step), same inputs and noise."""
+    from pi05_export.model.pi05 import plain_form
+
+    with plain_form(model):
+        ref = sample_with(_eager_stages(model, cuda), inp, grid).float()
     got = sample_with(stages, inp, grid).float()
     diff = (got - ref).abs()
     cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
-    return {"reference": "torch eager, same inputs", "steps": len(grid), "max_abs": float(diff.max()),
+    return {"reference": "torch eager (plain model), same inputs", "steps": len(grid), "max_abs": float(diff.max()),
             "mean_abs": float(diff.mean()), "cosine": float(cos)}
 
 

@@ -89,7 +89,16 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_component(model: Any, component: Component, path: Path, *, compute_dtype: str, opset: int) -> dict[str, Any]:
-    """Export one component to ``path`` (+ ``path.data``); returns its manifest entry."""
+    """Export one component to ``path`` (+ ``path.data``); returns its manifest entry. The graph is traced
+    from the model's plain form (:func:`pi05_export.model.pi05.plain_form`), also for a model the torch
+    runtime has fused or switched to SDPA."""
+    from pi05_export.model.pi05 import plain_form
+
+    with plain_form(model):
+        return _export_component(model, component, path, compute_dtype=compute_dtype, opset=opset)
+
+
+def _export_component(model: Any, component: Component, path: Path, *, compute_dtype: str, opset: int) -> dict[str, Any]:
     import onnx
 
     cfg = model.config

@@ -131,7 +131,9 @@ def test_compile_failure_falls_back_with_a_logged_reason(fresh_tiny_model, caplo
     for c in BENCH_COMPONENTS:
         assert result.stages[c].startswith("eager (torch.compile failed: RuntimeError: inductor exploded)")
         assert f"torch.compile failed for {c}" in caplog.text
-    assert result.check is not None and result.check["max_abs"] == 0.0
+    # the eager fallback still runs the runtime form (fused, modulations made once): vs the plain model,
+    # reordering noise only
+    assert result.check is not None and 0 <= result.check["max_abs"] <= REF_ATOL
 
 
 def test_onnxruntime_backend_runs_exported_graphs(tmp_path, capsys):

@@ -237,12 +237,40 @@ def test_fused_model_survives_casts_and_replaced_layers(fresh_tiny_model):
         for p in attn.parameters():  # a cast that bypasses apply_dtype_policy
             p.data = p.data.double()
         assert fused_linear(attn, x.double()) is None
-        fuse_projections(model.llm)
+        h = torch.randn(1, 2, model.config.llm.width)
         mlp = model.llm.layers[0].mlp
-        mlp.up_proj = copy.deepcopy(mlp.up_proj).requires_grad_(False)  # same type, same values: still fused
-        assert fused_linear(mlp, torch.randn(1, 2, model.config.llm.width)) is not None
         mlp.up_proj = torch.nn.Sequential(mlp.up_proj)  # another module type (as a quantizer's wrapper)
-        assert fused_linear(mlp, torch.randn(1, 2, model.config.llm.width)) is None
+        assert fused_linear(mlp, h) is None
+        # a copy whose parameters no longer alias the fused matrix (deepcopy clones them one by one) computes
+        # unfused and drops its fused matrix; then fresh weights loaded into it are used
+        mlp = copy.deepcopy(model.llm.layers[1].mlp)
+        assert getattr(mlp, FUSED_WEIGHT, None) is not None and fused_linear(mlp, h) is None
+        assert getattr(mlp, FUSED_WEIGHT, None) is None
+        # in-place loads write through the views into the fused matrix: still fused, new values used
+        fuse_projections(model.llm)
+        mlp = model.llm.layers[-1].mlp
+        new = {k: torch.randn_like(v) for k, v in mlp.state_dict().items()}
+        mlp.load_state_dict(new)
+        gate, up = fused_linear(mlp, h).chunk(2, dim=-1)
+        torch.testing.assert_close(up, h @ new["up_proj.weight"].T)
+        mlp.load_state_dict({k: v + 1 for k, v in new.items()}, assign=True)  # replaced parameters: unfused
+        assert fused_linear(mlp, h) is None
+
+
+def test_plain_form_is_the_export_form(fresh_tiny_model):
+    """plain_form sets the runtime form aside (fused matrices kept alive, SDPA off) and restores it."""
+    from pi05_export.model.common import FUSED_WEIGHT
+    from pi05_export.model.pi05 import fuse_projections, plain_form, use_sdpa
+
+    model = fresh_tiny_model
+    fuse_projections(model)
+    use_sdpa(model)
+    attn = model.expert.layers[0].self_attn
+    fused = getattr(attn, FUSED_WEIGHT)
+    with plain_form(model):
+        assert getattr(attn, FUSED_WEIGHT, None) is None and not model.expert.sdpa
+        assert not any(k.endswith(FUSED_WEIGHT) for k, _ in model.named_buffers())
+    assert getattr(attn, FUSED_WEIGHT) is fused and model.expert.sdpa
 
 
 def test_fusion_leaves_guarded_layers_alone(fresh_tiny_model):

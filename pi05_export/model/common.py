@@ -122,11 +122,28 @@ def fused_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     weight = getattr(owner, FUSED_WEIGHT, None)
     if weight is None:
         return None
-    for name in owner._pi05_fused_names:
-        child = getattr(owner, name)
-        if type(child) is not nn.Linear or child.weight.dtype != weight.dtype or child.weight.device != weight.device:
-            return None
-    return F.linear(x, weight, getattr(owner, FUSED_BIAS, None))
+    bias = getattr(owner, FUSED_BIAS, None)
+    children = [getattr(owner, name) for name in owner._pi05_fused_names]
+    if any(type(c) is not nn.Linear or c.weight.dtype != weight.dtype or c.weight.device != weight.device for c in children):
+        return None
+    # Eager calls also check that every child still *is* its row block of the fused matrix: a deepcopy (which
+    # clones parameters one by one) or load_state_dict(assign=True) replaces them, and the fused matrix would
+    # be stale. Compiled code skips the check (data_ptr is not traceable): the torch runtime fuses right before
+    # it compiles, and in-place weight loads (load_state_dict) write through the views into the fused matrix.
+    if not torch.compiler.is_compiling() and not _aliases(children, weight, bias):
+        unfuse_linear_group(owner)
+        return None
+    return F.linear(x, weight, bias)
+
+
+def _aliases(children: Sequence[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    rows = 0
+    for c in children:
+        for fused, own in ((weight, c.weight), (bias, c.bias)):
+            if fused is not None and (own is None or own.data_ptr() != fused[rows:rows + own.shape[0]].data_ptr()):
+                return False
+        rows += c.weight.shape[0]
+    return True
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +173,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     ``sdpa``: the same attention through ``torch.nn.functional.scaled_dot_product_attention`` (a fused
     kernel where the device has one: flash / memory-efficient attention, fp32 softmax inside, the scale
     applied in fp32), for the torch runtime (:func:`pi05_export.model.pi05.use_sdpa`). K/V heads are
-    broadcast to the query heads as zero-stride views (no copy), and the bias is passed as an additive
-    mask in q's dtype, clamped to its finite range, so a fully masked row (a padded prefix token) gets a
-    uniform softmax as here rather than NaN. The exported graphs keep the explicit form.
+    broadcast to the query heads (zero-stride views with one KV head, as in pi0.5; a copy otherwise), and the
+    bias is passed as an additive mask in q's dtype, clamped to its finite range, so a fully masked row (a
+    padded prefix token) stays finite rather than NaN (a uniform softmax in bf16/fp32; in fp16 the clamped
+    mask no longer swamps the scores, which only that discarded row sees). The exported graphs keep the
+    explicit form.
     """
     b, hq, t, d = q.shape
     k, v = k.to(q.dtype), v.to(q.dtype)  # a --keep-fp32 layer's K/V may meet other layers' (no-op otherwise)

@@ -6,9 +6,10 @@ Every method takes and returns explicit tensors; the methods are exactly the exp
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from torch import nn
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ConfigError
 from pi05_export.model.common import (
+    FUSED_BIAS,
+    FUSED_WEIGHT,
     attend,
     fuse_linear_group,
     mask_to_bias,
@@ -261,14 +264,33 @@ def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
     ``scaled_dot_product_attention`` (see :func:`~pi05_export.model.common.attend`): a torch runtime step,
     the exported graphs keep the explicit form. Returns the number of modules switched.
 
-    The runtime switches SigLIP only (``use_sdpa(model.vision)``): on the H200 its unmasked attention runs on the
-    flash kernel (vision 2.91 -> 2.51 ms), while the Gemma stacks' masked attention at head_dim 256 ran on the
-    memory-efficient kernel and was slower than the explicit form (prefix 7.01 -> 7.79 ms, a denoise step
-    1.36 -> 2.14 ms; ``benchmarks/bench_denoise_inductor.py --variants runtime,sdpa`` reproduces it)."""
+    The runtime switches SigLIP only (``use_sdpa(model.vision)``): on the H200 its unmasked attention got faster
+    (vision 2.91 -> 2.51 ms), while the Gemma stacks' masked attention at head_dim 256 (cuDNN's SDPA kernel, plus
+    a mask cast per layer) was slower than the explicit form (prefix 7.01 -> 7.79 ms, a denoise step 1.36 ->
+    2.14 ms; ``benchmarks/bench_denoise_inductor.py --variants runtime,sdpa`` reproduces it)."""
     mods = [m for m in model.modules() if isinstance(m, (GemmaModel, SiglipAttention))]
     for m in mods:
         m.sdpa = enabled
     return len(mods)
+
+
+@contextlib.contextmanager
+def plain_form(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes exactly as exported and as openpi does: fused matrices set aside
+    (kept alive, so CUDA graphs captured over them stay valid) and explicit attention; both are restored on
+    exit. For references next to a runtime-form model, and for every graph export."""
+    fused = [(m, {a: m._buffers.pop(a) for a in (FUSED_WEIGHT, FUSED_BIAS) if a in m._buffers})
+             for m in model.modules() if type(m) in FUSABLE]
+    sdpa = [(m, m.sdpa) for m in model.modules() if isinstance(m, (GemmaModel, SiglipAttention))]
+    for m, _ in sdpa:
+        m.sdpa = False
+    try:
+        yield model
+    finally:
+        for m, buffers in fused:
+            m._buffers.update(buffers)
+        for m, flag in sdpa:
+            m.sdpa = flag
 
 
 def unfuse_projections(model: nn.Module) -> int:
