@@ -80,8 +80,9 @@ def fuse_linear_group(owner: nn.Module, names: Sequence[str]) -> int:
 
     Left unfused (returns 0): already fused, not plain ``nn.Linear``, mixed dtype/device/bias, or forward
     hooks (the ``--keep-fp32`` input casts, which one fused GEMM would skip). Returns 1 when fused.
-    A runtime step: call it with the model on its final device and dtype (``.to()`` afterwards copies the
-    buffers and the parameters separately: the values still agree, the memory doubles).
+    A runtime step: call it with the model on its final device and dtype (``.to()`` afterwards moves the
+    buffers and the parameters separately; the next eager :func:`fused_linear` call sees that they no longer
+    alias and unfuses).
     """
     mods = [getattr(owner, n) for n in names]
     w0 = mods[0].weight

@@ -183,4 +183,3 @@ class GemmaModel(nn.Module):
             attn = attend(q, k, v, bias, self.cfg.head_dim**-0.5, sdpa=self.sdpa)
             x = layer.post_attention(x, attn, gate, cond, mods[2 * i + 1])
         return _norm(self.norm, x, cond, mods[-1])[0]
-
