@@ -274,7 +274,8 @@ def main() -> int:
     print(json.dumps({"bench": "serve", "robot": args.robot, "backend": args.backend, "device": args.device,
                       "model": args.preset or "tiny checkpoint", "frame": args.frame, "torch": torch.__version__,
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                      "cpus": os.cpu_count(), "results": rows}))
+                      "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "results": rows}))
     return 0
 
 

@@ -193,3 +193,17 @@ def test_cli_serve_bad_record_dir_before_loading(tiny_policy_dir, capsys):
     code = run(["serve", str(tiny_policy_dir), "--robot", "libero", "--record", "/dev/null/rec", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot create the --record directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["infer", "serve"])
+def test_missing_checkpoint_is_named_before_the_asset_search(command, tiny_policy_dir, tmp_path, capsys):
+    """A mistyped checkpoint path is reported as such, not as norm stats missing beside it (the asset
+    search would otherwise look in its parent directory)."""
+    missing = tmp_path / "no-such-ckpt"
+    argv = [command, str(missing), "--robot", "libero", "--device", "cpu"]
+    if command == "infer":
+        argv += ["--inputs", str(tiny_policy_dir / "examples" / "libero.npz"), "--out", str(tmp_path / "a.npz")]
+    code = run(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and f"checkpoint {missing} does not exist" in err and "norm stats" not in err, err
+    assert len(err.strip().splitlines()) == 1

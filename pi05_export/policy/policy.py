@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pi05_export.config import Pi05Config
-from pi05_export.errors import ConfigError, InputError, first_line
+from pi05_export.errors import CheckpointError, ConfigError, InputError, first_line
 from pi05_export.policy.images import camera_jobs
 from pi05_export.policy.normalize import NormStats, check_finite, find_norm_stats, load_norm_stats
 from pi05_export.policy.profiles import ADAPTERS, KeyPath, RobotProfile, key_name, load_profile
@@ -356,6 +356,9 @@ def load_policy(
 
     profile = robot if isinstance(robot, RobotProfile) else load_profile(robot)
     path = Path(artifacts).expanduser() if artifacts is not None else None
+    if path is not None and not path.exists():  # before the asset search, which would look beside it
+        raise CheckpointError(f"checkpoint {path} does not exist",
+                              hint="pass a checkpoint directory (openpi PyTorch / lerobot) or an export directory")
     tokenizer = Path(tokenizer).expanduser() if tokenizer is not None else None
     if norm_stats is not None and not isinstance(norm_stats, NormStats):
         norm_stats = Path(norm_stats).expanduser()
