@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pi05_export.bench import _torch_stages, bench_inputs, load_bench_model
+from pi05_export.bench import _measure_pipelined, _torch_stages, bench_inputs, load_bench_model
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -92,16 +92,12 @@ def main() -> None:
     n = args.observations
     with torch.inference_mode():
         sampler = _torch_stages(model, "torch-compile-cudagraph", inp, True, component_graphs=False).sampler
-        list(sampler.sample_stream([inp] * 3, args.steps))  # captures both slots' graphs
+        period_ms = _measure_pipelined(sampler, inp, args.steps, 3, args.iters)  # warm-up captures both slots' graphs
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(args.iters):
             sampler.sample(inp, args.steps).cpu()
         sequential_ms = (time.perf_counter() - t0) * 1e3 / args.iters
-        t0 = time.perf_counter()
-        for _ in sampler.sample_stream([inp] * args.iters, args.steps):
-            pass
-        period_ms = (time.perf_counter() - t0) * 1e3 / args.iters
         with tempfile.TemporaryDirectory() as tmp:
             seq = timeline(lambda: [sampler.sample(inp, args.steps).cpu() for _ in range(n)], Path(tmp) / "seq.json")
             pipe_trace = args.trace or Path(tmp) / "pipe.json"

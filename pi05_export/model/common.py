@@ -108,11 +108,13 @@ def fuse_linear_group(owner: nn.Module, names: Sequence[str]) -> int:
 def unfuse_linear_group(owner: nn.Module) -> int:
     """Drop ``owner``'s fused buffers (the children keep their values); returns 1 when it was fused. For code
     that replaces parameters (a dtype cast, a quantizer): afterwards the fused matrix would be stale."""
-    if getattr(owner, FUSED_WEIGHT, None) is None:
-        return 0
-    for attr in (FUSED_WEIGHT, FUSED_BIAS):
-        owner._buffers.pop(attr, None)
-    return 1
+    return 1 if pop_fused(owner) else 0
+
+
+def pop_fused(owner: nn.Module) -> dict[str, torch.Tensor]:
+    """Remove and return ``owner``'s fused buffers (empty when it is not fused); ``owner._buffers.update``
+    of the result puts them back."""
+    return {a: owner._buffers.pop(a) for a in (FUSED_WEIGHT, FUSED_BIAS) if owner._buffers.get(a) is not None}
 
 
 def fused_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -161,12 +161,8 @@ class GemmaModel(nn.Module):
 
         Either ``cond`` [B, cond_dim] (each adaRMS norm applies its dense) or ``modulations``, the
         :meth:`time_modulations` of that cond computed beforehand (then ``cond`` is not read)."""
-        if modulations is None:
-            if cond is None:
-                raise ValueError("suffix_hidden needs the adaRMS condition or its precomputed modulations")
-            mods: list[torch.Tensor | None] = [None] * (2 * len(self.layers) + 1)
-        else:
-            mods = list(modulations.unbind(0))
+        mods: list[torch.Tensor | None] = (  # without either, the first AdaRMSNorm raises ValueError
+            [None] * (2 * len(self.layers) + 1) if modulations is None else list(modulations.unbind(0)))
         num_valid = prefix_mask.to(torch.int32).sum(-1, keepdim=True, dtype=torch.int32)  # [B, 1]
         h_len = embeds.shape[1]
         positions = num_valid + torch.arange(h_len, dtype=torch.int32, device=embeds.device)[None, :]

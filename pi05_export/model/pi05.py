@@ -18,11 +18,10 @@ from torch import nn
 from pi05_export.config import Pi05Config
 from pi05_export.errors import ConfigError
 from pi05_export.model.common import (
-    FUSED_BIAS,
-    FUSED_WEIGHT,
     attend,
     fuse_linear_group,
     mask_to_bias,
+    pop_fused,
     sinusoidal_time_embedding,
     time_frequencies,
     unfuse_linear_group,
@@ -279,8 +278,7 @@ def plain_form(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` computes exactly as exported and as openpi does: fused matrices set aside
     (kept alive, so CUDA graphs captured over them stay valid) and explicit attention; both are restored on
     exit. For references next to a runtime-form model, and for every graph export."""
-    fused = [(m, {a: m._buffers.pop(a) for a in (FUSED_WEIGHT, FUSED_BIAS) if a in m._buffers})
-             for m in model.modules() if type(m) in FUSABLE]
+    fused = [(m, pop_fused(m)) for m in model.modules() if type(m) in FUSABLE]
     sdpa = [(m, m.sdpa) for m in model.modules() if isinstance(m, (GemmaModel, SiglipAttention))]
     for m, _ in sdpa:
         m.sdpa = False
