@@ -39,11 +39,16 @@ def check_value(name: str, value: Any, kind: str, *, minimum: int = 1) -> int | 
     return float(value) if kind == "float" else value
 
 
+def _minimum(field_name: str) -> int:
+    """The least value of an int config field: 1, except ``vocab_size`` (0: the expert has no embedding)."""
+    return 0 if field_name == "vocab_size" else 1
+
+
 def _check_fields(obj: object, prefix: str) -> None:
     """Type-check every int/float init field of a config dataclass (ints positive; ``vocab_size`` may be 0)."""
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         if f.init and f.type in ("int", "float"):
-            value = check_value(prefix + f.name, getattr(obj, f.name), f.type, minimum=0 if f.name == "vocab_size" else 1)
+            value = check_value(prefix + f.name, getattr(obj, f.name), f.type, minimum=_minimum(f.name))
             object.__setattr__(obj, f.name, value)
 
 
@@ -288,7 +293,7 @@ def _sub_config(key: str, value: Any, typ: type) -> Any:
     for name, given in value.items():  # check a file's values naming the key (llm.width, expert.eps)
         kind = str(fields_[name].type)
         if kind in ("int", "float"):
-            value[name] = check_value(f"{key}.{name}", given, kind, minimum=0 if name == "vocab_size" else 1)
+            value[name] = check_value(f"{key}.{name}", given, kind, minimum=_minimum(name))
     try:
         built = typ(**value)
     except TypeError as e:
